@@ -1,0 +1,60 @@
+"""bnzoo's norm layers and the factory that builds them from a plain string.
+
+>>> from bnzoo.norms import make_norm, list_norms
+>>> make_norm("renorm", 64, "2d", r_max=2.0)
+BatchRenorm2d(64, eps=1e-05, momentum=0.01, affine=True, bias=True, track_running_stats=True, r_max=2.0, d_max=5.0)
+"""
+
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .channel import ChannelGroupNorm, ChannelLayerNorm, default_num_groups
+from .factory import LAYOUTS, NormLayer, describe_norms, list_norms, make_norm, norm_layer, register_norm
+from .frozen import FrozenBatchNorm, freeze_norms
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, batch_renorm_corrections
+from .sequence import (
+    SequenceBatchNorm,
+    SequenceBatchRenorm,
+    SequenceFrozenBatchNorm,
+    SequenceGroupNorm,
+    SequenceIdentity,
+    SequenceLayerNorm,
+    SequenceNorm,
+    lengths_to_mask,
+    sequence_mask,
+)
+from .sync import SyncableNorm, all_reduce_sum, global_batch_moments, is_distributed, normalize_with_moments
+
+__all__ = [
+    "LAYOUTS",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "ChannelGroupNorm",
+    "ChannelLayerNorm",
+    "FrozenBatchNorm",
+    "NormLayer",
+    "SequenceBatchNorm",
+    "SequenceBatchRenorm",
+    "SequenceFrozenBatchNorm",
+    "SequenceGroupNorm",
+    "SequenceIdentity",
+    "SequenceLayerNorm",
+    "SequenceNorm",
+    "SyncableNorm",
+    "all_reduce_sum",
+    "batch_renorm_corrections",
+    "default_num_groups",
+    "describe_norms",
+    "freeze_norms",
+    "global_batch_moments",
+    "is_distributed",
+    "lengths_to_mask",
+    "list_norms",
+    "make_norm",
+    "norm_layer",
+    "normalize_with_moments",
+    "register_norm",
+    "sequence_mask",
+]

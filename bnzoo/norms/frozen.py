@@ -1,0 +1,90 @@
+"""Frozen batch normalization: fixed statistics and affine transform, for fine-tuning.
+
+The layer computes ``y = weight * (x - running_mean) / sqrt(running_var + eps) + bias`` (Ioffe & Szegedy 2015,
+Alg. 2, inference) with every tensor a buffer: nothing is learned and nothing is updated, in training mode too.
+Its state dict has BatchNorm's keys (``num_batches_tracked`` is accepted and ignored), so trained BatchNorm or
+Batch Renorm weights load into it directly; :func:`freeze_norms` converts a whole model, as detectron2's
+``FrozenBatchNorm2d.convert_frozen_batchnorm`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .batchnorm import check_norm_args
+
+__all__ = ["FrozenBatchNorm", "freeze_norms"]
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with frozen statistics and affine parameters, for any (N, C, *) input."""
+
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        check_norm_args(num_features, eps, None)
+        super().__init__()
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() < 2 or input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects an input of shape (N, {self.num_features}, *), "
+                f"got {tuple(input.shape)}"
+            )
+        return F.batch_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool, *args: Any
+    ) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    @classmethod
+    def from_batchnorm(cls, bn: _BatchNorm) -> FrozenBatchNorm:
+        """A frozen copy of a BatchNorm-like layer's statistics and affine parameters."""
+        frozen = cls(bn.num_features, bn.eps)
+        with torch.no_grad():
+            if bn.affine:
+                frozen.weight.copy_(bn.weight)
+                frozen.bias.copy_(bn.bias)
+            if bn.running_mean is not None:
+                frozen.running_mean.copy_(bn.running_mean)
+                frozen.running_var.copy_(bn.running_var)
+        return frozen.to(bn.running_mean.device if bn.running_mean is not None else "cpu")
+
+
+def freeze_norms(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm-like layer (``bn``, ``renorm``, their sequence variants) of ``module`` by a frozen
+    copy: :class:`FrozenBatchNorm`, or ``SequenceFrozenBatchNorm`` for the (batch, time, features) layers.
+
+    Returns the converted module (a new object when ``module`` itself is such a layer).
+    """
+    from .sequence import SequenceFrozenBatchNorm, SequenceNorm
+
+    if isinstance(module, _BatchNorm):
+        frozen_class = SequenceFrozenBatchNorm if isinstance(module, SequenceNorm) else FrozenBatchNorm
+        return frozen_class.from_batchnorm(module)
+    for name, child in module.named_children():
+        converted = freeze_norms(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module

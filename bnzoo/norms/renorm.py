@@ -1,0 +1,199 @@
+"""Batch Renormalization (Ioffe 2017), folded onto the native ``batch_norm`` kernel.
+
+Ioffe 2017, Algorithm 1, for a mini-batch B with per-channel mean ``mu_B`` and biased variance ``var_B``::
+
+    sigma_B = sqrt(var_B + eps)               sigma = sqrt(running_var + eps)
+    r = stop_gradient(clip(sigma_B / sigma, 1/r_max, r_max))
+    d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
+    y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+    mu    <- mu    + momentum * (mu_B    - mu)
+    sigma <- sigma + momentum * (sigma_B - sigma)
+
+and at inference ``y = gamma * (x - mu) / sigma + beta``. The running standard deviation is stored as
+``running_var = sigma^2 - eps``, so inference is torch's BatchNorm on the running statistics and the state dict
+has exactly ``nn.BatchNorm``'s keys. With ``r_max = 1`` and ``d_max = 0`` training equals BatchNorm.
+
+Speed: ``r`` and ``d`` are per-channel constants, so ``y`` is BatchNorm with weight ``gamma * r`` and bias
+``beta + gamma * d``. The batch moments are computed once with the native
+``batch_norm_update_stats`` kernel; the output with the native kernel given those moments, and the backward
+pass is the native training-mode BatchNorm backward with the same saved moments -- the layer does the work of
+one BatchNorm plus a handful of per-channel operations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .batchnorm import check_norm_args, update_rate
+from .sync import SyncableNorm, global_batch_moments, normalize_with_moments
+
+__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "batch_renorm_corrections"]
+
+
+def batch_renorm_corrections(
+    batch_mean: Tensor,
+    batch_std: Tensor,
+    running_mean: Tensor,
+    running_std: Tensor,
+    r_max: float,
+    d_max: float,
+) -> tuple[Tensor, Tensor]:
+    """The correction factors of Ioffe 2017, Alg. 1: ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and
+    ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``, both without gradient."""
+    with torch.no_grad():
+        r = (batch_std / running_std).clamp_(1.0 / r_max, r_max)
+        d = (batch_mean - running_mean).div_(running_std).clamp_(-d_max, d_max)
+    return r, d
+
+
+class _NormalizeWithBatchMoments(torch.autograd.Function):
+    """BatchNorm's training-mode output and gradients, given the batch moments computed beforehand.
+
+    Forward: ``(x - mean) / sqrt(var + eps) * weight + bias`` with the native kernel (inference mode, so the
+    moments are not recomputed). Backward: the native training-mode BatchNorm backward with ``mean`` and
+    ``1/sqrt(var + eps)`` as the saved batch statistics, i.e. gradients flow through the batch moments exactly
+    as in BatchNorm (Ioffe & Szegedy 2015, Sec. 3), while ``weight`` and ``bias`` are plain parameters.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float
+    ) -> Tensor:
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(memory_format=_memory_format(x)),
+            x,
+            weight,
+            None,
+            None,
+            mean,
+            invstd,
+            True,
+            ctx.eps,
+            mask,
+        )
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+class _BatchRenorm(SyncableNorm, _BatchNorm):
+    """Batch Renormalization; see the module docstring for the equations (Ioffe 2017, Alg. 1).
+
+    Args:
+        num_features: number of channels C of an (N, C, *) input.
+        eps: added to the variance, as in BatchNorm.
+        momentum: update rate of the running mean and standard deviation (the paper's alpha; 0.01 in its
+            experiments), in (0, 1]; None for a cumulative average as in torch's BatchNorm.
+        r_max: bound of the scale correction r, >= 1. A plain attribute: a schedule may change it between
+            steps (see :class:`bnzoo.callbacks.RenormSchedule`).
+        d_max: bound of the shift correction d, >= 0. Also a plain attribute.
+        affine: learn gamma and beta.
+
+    Set ``record_corrections = True`` to keep the last step's ``r`` and ``d`` in ``last_r`` and ``last_d``
+    (diagnostics: the fraction of clipped channels).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.01,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        check_norm_args(num_features, eps, momentum)
+        _check_bounds(r_max, d_max)
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        self.r_max = float(r_max)
+        self.d_max = float(d_max)
+        self.record_corrections = False
+        self.last_r: Tensor | None = None
+        self.last_d: Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not self.training:
+            return F.batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        _check_bounds(self.r_max, self.d_max)
+        synced = self._sync_active()
+        if synced:
+            mean, var, _ = global_batch_moments(input, self.running_mean, self.process_group)
+        else:
+            F._verify_batch_size(input.size())
+            with torch.no_grad():
+                # Passing the float32 running buffers with momentum 0 leaves them unchanged and makes the
+                # kernel return float32 moments for bf16/fp16 inputs.
+                mean, var = torch.batch_norm_update_stats(input, self.running_mean, self.running_var, 0.0)
+        with torch.no_grad():
+            batch_std = (var.detach() + self.eps).sqrt_()
+            running_std = (self.running_var + self.eps).sqrt_()
+            r, d = batch_renorm_corrections(
+                mean.detach(), batch_std, self.running_mean, running_std, self.r_max, self.d_max
+            )
+            self.num_batches_tracked.add_(1)
+            rate = update_rate(self.momentum, self.num_batches_tracked)
+            self.running_mean.lerp_(mean.detach(), rate)
+            running_std.lerp_(batch_std, rate)
+            torch.sub(running_std.square_(), self.eps, out=self.running_var).clamp_min_(0.0)
+        if self.record_corrections:
+            self.last_r, self.last_d = r, d
+        if synced:
+            return normalize_with_moments(input, mean, var, self.weight, self.bias, self.eps, r, d)
+        if self.weight is None:
+            weight, bias = r, d
+        else:
+            weight, bias = self.weight * r, torch.addcmul(self.bias, self.weight, d)
+        return _NormalizeWithBatchMoments.apply(input, weight, bias, mean, var, self.eps)
+
+
+def _check_bounds(r_max: Any, d_max: Any) -> None:
+    if isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not r_max >= 1.0:
+        raise ValueError(f"r_max must be a float >= 1 (1 disables the scale correction), got {r_max!r}")
+    if isinstance(d_max, bool) or not isinstance(d_max, (int, float)) or not d_max >= 0.0:
+        raise ValueError(f"d_max must be a float >= 0 (0 disables the shift correction), got {d_max!r}")
+
+
+class BatchRenorm1d(_BatchRenorm):
+    """Batch Renormalization for (N, C) or (N, C, L) inputs."""
+
+    _check_input_dim = nn.BatchNorm1d._check_input_dim
+
+
+class BatchRenorm2d(_BatchRenorm):
+    """Batch Renormalization for (N, C, H, W) inputs."""
+
+    _check_input_dim = nn.BatchNorm2d._check_input_dim
+
+
+class BatchRenorm3d(_BatchRenorm):
+    """Batch Renormalization for (N, C, D, H, W) inputs."""
+
+    _check_input_dim = nn.BatchNorm3d._check_input_dim

@@ -1,0 +1,132 @@
+"""Sequence-wise, padding-aware normalization for (batch, time, features) inputs.
+
+Deep Speech 2 (Amodei et al. 2016, Sec. 3.2) normalizes a recurrent layer's input term sequence-wise: the
+statistics of each feature are taken over every time step of every sequence in the mini-batch. With padded
+batches only the real steps count: each layer here gathers the valid steps of the (B, T, C) input into an
+(M, C) matrix, applies its channel norm to those M rows (for ``bn``: exactly ``nn.BatchNorm1d`` on the unpadded
+steps, statistics and running statistics included), and scatters the result back, so padded outputs are zero
+and results do not depend on how much padding a batch carries.
+
+Every layer takes ``forward(x, lengths=None, mask=None)``: ``lengths`` (B,) gives each sequence's number of
+valid leading steps; ``mask`` (B, T) marks valid steps with True. Without either, every step is valid.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .batchnorm import BatchNorm1d, check_norm_args
+from .frozen import FrozenBatchNorm
+from .channel import ChannelGroupNorm, ChannelLayerNorm
+from .renorm import BatchRenorm1d
+
+__all__ = [
+    "SequenceBatchNorm",
+    "SequenceBatchRenorm",
+    "SequenceFrozenBatchNorm",
+    "SequenceGroupNorm",
+    "SequenceIdentity",
+    "SequenceLayerNorm",
+    "SequenceNorm",
+    "lengths_to_mask",
+    "sequence_mask",
+]
+
+
+def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """(B, max_len) bool mask, True at the first ``lengths[b]`` steps of each sequence."""
+    steps = torch.arange(max_len, device=lengths.device)
+    return steps.unsqueeze(0) < lengths.to(steps.device).unsqueeze(1)
+
+
+def sequence_mask(
+    batch: int, steps: int, lengths: Tensor | None = None, mask: Tensor | None = None, device: Any = None
+) -> Tensor | None:
+    """The (B, T) validity mask from ``lengths`` or ``mask``, or None when every step is valid.
+
+    Raises a ValueError naming the bad shape or value, rather than an indexing error deep in torch.
+    """
+    if lengths is not None and mask is not None:
+        raise ValueError("pass either lengths or mask, not both")
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, device=device)
+        if lengths.shape != (batch,):
+            raise ValueError(f"lengths must have shape ({batch},), got {tuple(lengths.shape)}")
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 1 or hi > steps:
+            raise ValueError(f"lengths must lie in [1, {steps}] (the padded length), got min {lo}, max {hi}")
+        if lo == steps:
+            return None
+        return lengths_to_mask(lengths, steps)
+    if mask is not None:
+        if mask.shape != (batch, steps):
+            raise ValueError(f"mask must have shape ({batch}, {steps}), got {tuple(mask.shape)}")
+        mask = mask.to(device=device, dtype=torch.bool)
+        return None if bool(mask.all()) else mask
+    return None
+
+
+class SequenceNorm:
+    """Mixin: apply the channel norm it is mixed into to the valid steps of a (B, T, C) sequence only."""
+
+    num_features: int
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects (batch, time, {self.num_features}) "
+                f"inputs, got {tuple(x.shape)}"
+            )
+        batch, steps, channels = x.shape
+        valid = sequence_mask(batch, steps, lengths, mask, x.device)
+        if valid is None:
+            return super().forward(x.reshape(batch * steps, channels)).view(batch, steps, channels)  # type: ignore[misc]
+        normalized = super().forward(x[valid])  # type: ignore[misc]
+        out = normalized.new_zeros(batch, steps, channels)
+        out[valid] = normalized
+        return out
+
+
+class SequenceBatchNorm(SequenceNorm, BatchNorm1d):
+    """Sequence-wise BatchNorm (Deep Speech 2): statistics per feature over the batch's valid steps.
+
+    Equal to ``nn.BatchNorm1d`` applied to the unpadded steps only, running statistics included.
+    """
+
+
+class SequenceBatchRenorm(SequenceNorm, BatchRenorm1d):
+    """Sequence-wise Batch Renormalization (Ioffe 2017) over the batch's valid steps."""
+
+
+class SequenceFrozenBatchNorm(SequenceNorm, FrozenBatchNorm):
+    """Frozen BatchNorm per feature, applied to valid steps; padded outputs are zero."""
+
+
+class SequenceLayerNorm(SequenceNorm, ChannelLayerNorm):
+    """LayerNorm over the features of each valid step; padded outputs are zero."""
+
+
+class SequenceGroupNorm(SequenceNorm, ChannelGroupNorm):
+    """GroupNorm over the features of each valid step; padded outputs are zero."""
+
+
+class _RowIdentity(nn.Module):
+    """Identity on (M, C) rows, with the ``num_features`` every norm here has."""
+
+    def __init__(self, num_features: int) -> None:
+        check_norm_args(num_features, 1.0, None)
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, rows: Tensor) -> Tensor:
+        return rows
+
+    def extra_repr(self) -> str:
+        return str(self.num_features)
+
+
+class SequenceIdentity(SequenceNorm, _RowIdentity):
+    """No normalization; padded outputs are zero like every other sequence norm's."""
