@@ -1,0 +1,60 @@
+"""Shared timing for bnzoo's benchmarks: interleaved rounds, medians, and ratios to a baseline of the same run.
+
+Each candidate is timed in rounds that alternate between candidates (so a slow spell of the machine hits them
+all alike), every round runs the callable enough times to last about ``round_s`` seconds, and the figure is
+the median round. Ratios are taken against the baseline *measured in the same run*.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+__all__ = ["compare", "format_table", "machine_line"]
+
+
+def _calibrate(fn: Callable[[], object], round_s: float) -> int:
+    fn()  # warm-up (allocator, lazy init)
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-6)
+    return max(1, int(round_s / once))
+
+
+def compare(
+    candidates: Mapping[str, Callable[[], object]], rounds: int = 15, round_s: float = 0.05
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed in interleaved rounds."""
+    reps = {name: _calibrate(fn, round_s) for name, fn in candidates.items()}
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            for _ in range(reps[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / reps[name])
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def format_table(rows: list[dict[str, object]], columns: list[str]) -> str:
+    """A Markdown table of ``rows`` (dicts) with the given ``columns``."""
+    def cell(value: object) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line() -> str:
+    """One line naming the machine, for the results file."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {device}"
+    )
