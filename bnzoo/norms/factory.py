@@ -117,6 +117,7 @@ def make_norm(kind: str, num_features: int, layout: str = "2d", **options: Any) 
     spec = _lookup(kind)
     _check_layout(layout)
     _check_options(spec, options)
+    check_norm_args(num_features, 1.0, None)
     return spec.builder(num_features, layout, **options)
 
 
@@ -169,7 +170,6 @@ def _by_layout(layout: str, classes: tuple[type[nn.Module], ...]) -> type[nn.Mod
 
 @register_norm("none", "no normalization (identity)")
 def _build_none(num_features: int, layout: str) -> nn.Module:
-    check_norm_args(num_features, 1.0, None)
     return SequenceIdentity(num_features) if layout == "seq" else nn.Identity()
 
 
