@@ -1,0 +1,145 @@
+"""The ``bnzoo`` command: a LightningCLI for ``fit | validate | test | predict``, plus bnzoo's own tools.
+
+    bnzoo fit --config configs/fashion_mnist/resnet20.yaml --model.norm renorm
+    bnzoo test --config configs/fashion_mnist/resnet20.yaml --ckpt_path runs/<name>/checkpoints/last.ckpt
+    bnzoo fit --config ... --print_config
+
+Model and data classes are chosen by name (``--model ImageClassifier``, ``--data FashionMNISTDataModule``);
+the data module's ``num_classes``, ``in_chans``, ``image_size``, ``input_size`` and ``max_length`` are linked to
+the model. Checkpoints (best by ``val/acc`` and ``last``) go to ``<save_dir>/<name>/checkpoints`` of the
+TensorBoard logger, the same folder for every version of a run, so ``--ckpt_path last`` resumes a stopped run;
+an interrupted run (Ctrl-C, an exception) also leaves ``on_exception.ckpt`` there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from . import data as _data  # noqa: F401  (data modules are selectable by name)
+from .checkpoint_io import AtomicCheckpointIO
+from .tasks import ClassificationTask
+
+__all__ = ["BnzooCLI", "main"]
+
+LINKED_DATA_ATTRIBUTES = ("num_classes", "in_chans", "image_size", "input_size", "max_length")
+
+#: bnzoo's own subcommands beside LightningCLI's; each takes the remaining arguments and returns an exit code.
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], int]] = {}
+
+
+class BnzooCLI(LightningCLI):
+    """LightningCLI with bnzoo's defaults: links, checkpoints, atomic saves, readable errors."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        trainer_defaults = {
+            "logger": {
+                "class_path": "bnzoo.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "bnzoo", "log_graph": True, "default_hp_metric": False},
+            },
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+                 "init_args": {"logging_interval": "step"}},
+            ],
+        }
+        trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
+        super().__init__(
+            model_class=ClassificationTask,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults=trainer_defaults,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in LINKED_DATA_ATTRIBUTES:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:03d}-step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:  # a bad model/norm/option: the message says which and why
+            _exit_with_error(err)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        _place_checkpoints_in_run_folder(trainer)
+        return trainer
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.global_rank != 0:
+            return
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") if trainer.checkpoint_callback else ""
+        print(f"\nbest checkpoint: {best or '(none)'}\nlast checkpoint: {last or '(none)'}")
+        if trainer.logger is not None and trainer.logger.save_dir:
+            print(f"TensorBoard: tensorboard --logdir {trainer.logger.save_dir}")
+
+    def after_test(self) -> None:
+        if self.trainer.global_rank != 0:
+            return
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
+        for name, value in sorted(metrics.items()):
+            print(f"{name}: {value:.4f}")
+
+
+def _place_checkpoints_in_run_folder(trainer: L.Trainer) -> None:
+    """Point checkpoint callbacks without a folder at ``<save_dir>/<name>/checkpoints`` of the logger (one folder
+    for every version of the run, so ``--ckpt_path last`` finds the previous version's), and add an
+    ``OnExceptionCheckpoint`` there."""
+    logger = trainer.logger
+    if logger is None or logger.save_dir is None:
+        return
+    folder = os.path.join(logger.save_dir, str(logger.name or ""), "checkpoints")
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = folder
+    if not any(isinstance(c, OnExceptionCheckpoint) for c in trainer.callbacks):
+        trainer.callbacks.append(OnExceptionCheckpoint(folder))
+
+
+def _exit_with_error(err: BaseException) -> None:
+    print(f"bnzoo: error: {err}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bnzoo`` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return EXTRA_COMMANDS[argv[0]](argv[1:])
+    try:
+        BnzooCLI(args=argv)
+    except FileNotFoundError as err:  # missing data or checkpoint: the message names the path and the remedy
+        if os.environ.get("BNZOO_DEBUG"):
+            raise
+        _exit_with_error(err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

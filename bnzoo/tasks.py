@@ -1,0 +1,205 @@
+"""LightningModules: image and sequence classification over any model of the zoo with any norm kind.
+
+Both tasks build their network with :func:`bnzoo.create_model` from plain hyperparameters (model name, norm
+kind, options), train it with cross-entropy, and report torchmetrics accuracy (top-1, and top-5 when there are
+more than 5 classes). The optimizer defaults to SGD with momentum 0.9 and weight decay 1e-4, with warm-up and a
+cosine (or step) schedule stepped every optimizer step; under ``bnzoo fit`` LightningCLI's ``--optimizer`` and
+``--lr_scheduler`` arguments replace these defaults when given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .models import create_model
+from .optim import SCHEDULES, WarmupSchedule, build_sgd
+from .plugins import check_layer_sync
+
+__all__ = ["ClassificationTask", "ImageClassifier", "SequenceClassifier"]
+
+
+class ClassificationTask(L.LightningModule):
+    """The shared classification task; use :class:`ImageClassifier` or :class:`SequenceClassifier`.
+
+    Args:
+        model: a registered model name (``bnzoo.list_models()``).
+        norm: the norm kind of every norm layer (``bnzoo.list_norms()``).
+        norm_options: options for the norm layers (``eps``, ``momentum``, ``r_max``, ...).
+        model_options: the model's own options (``bnzoo.models.model_options(model)``).
+        num_classes: number of classes (linked from the data module by ``bnzoo fit``).
+        lr, momentum, weight_decay, nesterov: SGD. ``weight_decay`` skips 1-D parameters (norm scales and
+            shifts, biases) unless ``decay_norm_and_bias``.
+        schedule: ``cosine`` | ``step`` | ``constant``, after ``warmup_steps`` of linear warm-up;
+            ``milestones`` (fractions of training) and ``gamma`` for ``step``.
+        label_smoothing: of the cross-entropy loss.
+        aux_loss_weight: weight of an auxiliary classifier's loss (Inception-v3 with ``aux_logits``; 0.4 as in
+            Szegedy et al. 2016), for models that return ``(logits, aux_logits)`` in training.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str = "resnet20",
+        norm: str = "bn",
+        norm_options: dict[str, Any] | None = None,
+        model_options: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        nesterov: bool = False,
+        decay_norm_and_bias: bool = False,
+        schedule: str = "cosine",
+        warmup_steps: int = 0,
+        milestones: list[float] | None = None,
+        gamma: float = 0.1,
+        label_smoothing: float = 0.0,
+        aux_loss_weight: float = 0.4,
+    ) -> None:
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+        self.save_hyperparameters()
+        self.model = create_model(
+            model,
+            norm=norm,
+            norm_options=dict(norm_options or {}),
+            num_classes=num_classes,
+            **self._input_options(),
+            **dict(model_options or {}),
+        )
+        self.metrics = nn.ModuleDict(
+            {stage: self._accuracy_metrics(num_classes) for stage in ("train_", "val_", "test_")}
+        )
+
+    # -- what subclasses define ---------------------------------------------------------------------------
+    def _input_options(self) -> dict[str, Any]:
+        """Model options that describe the input (channels, size, features per step)."""
+        return {}
+
+    def _split_batch(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+        """(model inputs, targets) of a batch."""
+        raise NotImplementedError
+
+    # -- the training logic ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        check_layer_sync(self.trainer, self)
+
+    @staticmethod
+    def _accuracy_metrics(num_classes: int) -> nn.ModuleDict:
+        metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+        if num_classes > 5:
+            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        return nn.ModuleDict(metrics)
+
+    def forward(self, *inputs: Tensor) -> Any:
+        return self.model(*inputs)
+
+    def _shared_step(self, batch: Any, stage: str) -> Tensor:
+        inputs, target = self._split_batch(batch)
+        output = self(*inputs)
+        aux = None
+        if isinstance(output, (tuple, list)):
+            output, aux = output
+        loss = F.cross_entropy(output, target, label_smoothing=self.hparams.label_smoothing)
+        if aux is not None:
+            loss = loss + self.hparams.aux_loss_weight * F.cross_entropy(
+                aux, target, label_smoothing=self.hparams.label_smoothing
+            )
+        on_step = stage == "train"
+        batch_size = target.shape[0]
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        for name, metric in self.metrics[f"{stage}_"].items():
+            metric(output.detach(), target)
+            self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=name == "acc",
+                     batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        inputs, target = self._split_batch(batch)
+        probs = torch.softmax(self(*inputs), dim=-1)
+        return {"pred": probs.argmax(-1), "prob": probs, "target": target}
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = build_sgd(self.model, hp.lr, hp.momentum, hp.weight_decay, hp.nesterov, hp.decay_norm_and_bias)
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        schedule = WarmupSchedule(hp.schedule, total, hp.warmup_steps, hp.milestones or (0.5, 0.75), hp.gamma)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- TensorBoard hparams with the final metrics ----------------------------------------------------------
+    def on_fit_end(self) -> None:
+        self._log_hparams_with_metrics(("val/loss", "val/acc", "val/acc_top5"))
+
+    def on_test_end(self) -> None:
+        self._log_hparams_with_metrics(("test/loss", "test/acc", "test/acc_top5"))
+
+    def _log_hparams_with_metrics(self, names: tuple[str, ...]) -> None:
+        if self._trainer is None or self.logger is None or self.trainer.sanity_checking:
+            return
+        final = {f"hp/{n.replace('/', '_')}": float(v) for n, v in self.trainer.callback_metrics.items() if n in names}
+        if final:
+            self.logger.log_hyperparams(dict(self.hparams), final)
+
+
+class ImageClassifier(ClassificationTask):
+    """Image classification: batches of ``(images (B, C, H, W), labels (B,))``.
+
+    Args:
+        in_chans: input channels, and
+        image_size: input height and width; both linked from the data module by ``bnzoo fit``.
+        **kwargs: the arguments of :class:`ClassificationTask` (model, norm, optimizer, schedule, ...).
+    """
+
+    def __init__(self, *, in_chans: int = 3, image_size: int = 32, **kwargs: Any) -> None:
+        self._inputs = {"in_chans": in_chans, "image_size": image_size}
+        super().__init__(**kwargs)
+        self.example_input_array = torch.zeros(2, in_chans, image_size, image_size)
+
+    def _input_options(self) -> dict[str, Any]:
+        return dict(self._inputs)
+
+    def _split_batch(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+        images, labels = batch
+        return (images,), labels
+
+
+class SequenceClassifier(ClassificationTask):
+    """Sequence classification: batches of ``(x (B, T, F) zero-padded, lengths (B,), labels (B,))``.
+
+    Args:
+        model: a registered sequence model (default: the Deep Speech 2 style GRU stack).
+        input_size: features per step, and
+        max_length: the longest sequence (for the example input); both linked from the data module.
+        **kwargs: the arguments of :class:`ClassificationTask`.
+    """
+
+    def __init__(
+        self, *, model: str = "ds2_gru", input_size: int = 28, max_length: int = 28, **kwargs: Any
+    ) -> None:
+        self._inputs = {"input_size": input_size}
+        super().__init__(model=model, **kwargs)
+        self.example_input_array = (torch.zeros(2, max_length, input_size), torch.full((2,), max_length))
+
+    def _input_options(self) -> dict[str, Any]:
+        return dict(self._inputs)
+
+    def _split_batch(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+        x, lengths, labels = batch
+        return (x, lengths), labels
