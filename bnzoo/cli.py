@@ -25,6 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from . import data as _data  # noqa: F401  (data modules are selectable by name)
 from .checkpoint_io import AtomicCheckpointIO
+from .loggers import LearningRateMonitor
 from .tasks import ClassificationTask
 
 __all__ = ["BnzooCLI", "main"]
@@ -44,10 +45,7 @@ class BnzooCLI(LightningCLI):
                 "class_path": "bnzoo.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": "runs", "name": "bnzoo", "log_graph": True, "default_hp_metric": False},
             },
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
-                 "init_args": {"logging_interval": "step"}},
-            ],
+            "callbacks": [LearningRateMonitor(logging_interval="step")],  # persistent: in every run
         }
         trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
         super().__init__(

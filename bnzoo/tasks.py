@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .models import create_model
 from .optim import SCHEDULES, WarmupSchedule, build_sgd
+from .norms.sync import all_reduce_sum
 from .plugins import check_layer_sync
 
 __all__ = ["ClassificationTask", "ImageClassifier", "SequenceClassifier"]
@@ -83,7 +84,7 @@ class ClassificationTask(L.LightningModule):
         """Model options that describe the input (channels, size, features per step)."""
         return {}
 
-    def _split_batch(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+    def split_batch(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
         """(model inputs, targets) of a batch."""
         raise NotImplementedError
 
@@ -102,7 +103,7 @@ class ClassificationTask(L.LightningModule):
         return self.model(*inputs)
 
     def _shared_step(self, batch: Any, stage: str) -> Tensor:
-        inputs, target = self._split_batch(batch)
+        inputs, target = self.split_batch(batch)
         output = self(*inputs)
         aux = None
         if isinstance(output, (tuple, list)):
@@ -130,8 +131,37 @@ class ClassificationTask(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, "test")
 
+    @torch.no_grad()
+    def evaluate(self, dataloaders: Any, max_batches: int | float | list[int | float] | None = None) -> dict[str, float]:
+        """Loss and top-1 accuracy over ``dataloaders`` (a loader or a list of them) in eval mode, summed over
+        processes under DDP; the training/eval modes are restored afterwards. Used by callbacks that compare the
+        model before and after a change outside the validation loop (e.g. recalibration). ``max_batches`` (one
+        per loader, or one for all) limits the batches, like the trainer's ``num_val_batches``."""
+        loaders = dataloaders if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+        limits = max_batches if isinstance(max_batches, (list, tuple)) else [max_batches] * len(loaders)
+        modes = {m: m.training for m in self.modules()}
+        self.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        try:
+            for loader, limit in zip(loaders, limits, strict=True):
+                for index, batch in enumerate(loader):
+                    if limit is not None and index >= limit:
+                        break
+                    batch = self.transfer_batch_to_device(batch, self.device, 0)
+                    inputs, target = self.split_batch(batch)
+                    logits = self(*inputs)
+                    totals[0] += F.cross_entropy(logits, target, reduction="sum").double()
+                    totals[1] += (logits.argmax(-1) == target).sum()
+                    totals[2] += target.numel()
+        finally:
+            for module, mode in modes.items():
+                module.train(mode)
+        totals = all_reduce_sum(totals)
+        count = max(float(totals[2]), 1.0)
+        return {"acc": float(totals[1]) / count, "loss": float(totals[0]) / count}
+
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        inputs, target = self._split_batch(batch)
+        inputs, target = self.split_batch(batch)
         probs = torch.softmax(self(*inputs), dim=-1)
         return {"pred": probs.argmax(-1), "prob": probs, "target": target}
 
@@ -175,7 +205,7 @@ class ImageClassifier(ClassificationTask):
     def _input_options(self) -> dict[str, Any]:
         return dict(self._inputs)
 
-    def _split_batch(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+    def split_batch(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
         images, labels = batch
         return (images,), labels
 
@@ -200,6 +230,6 @@ class SequenceClassifier(ClassificationTask):
     def _input_options(self) -> dict[str, Any]:
         return dict(self._inputs)
 
-    def _split_batch(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+    def split_batch(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
         x, lengths, labels = batch
         return (x, lengths), labels

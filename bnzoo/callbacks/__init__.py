@@ -1,0 +1,13 @@
+"""Lightning callbacks for normalization: recalibration, the Batch Renorm schedule, diagnostics."""
+
+from .recalibrate import RecalibrateNormStats, recalibrate_norm_stats, stat_norm_layers
+from .renorm_schedule import RenormSchedule, renorm_bounds, renorm_layers
+
+__all__ = [
+    "RecalibrateNormStats",
+    "RenormSchedule",
+    "recalibrate_norm_stats",
+    "renorm_bounds",
+    "renorm_layers",
+    "stat_norm_layers",
+]

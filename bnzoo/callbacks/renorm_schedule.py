@@ -1,0 +1,131 @@
+"""The Batch Renormalization schedule of Ioffe 2017, Sec. 4 (and its clipping diagnostics).
+
+"We used r_max = 1, d_max = 0 (i.e. simply batchnorm) for the first 5000 training steps, after which these
+were gradually relaxed to reach r_max = 3 at 40k steps, and d_max = 5 at 25k steps." Here both bounds rise
+linearly from the end of the warm-up to their final values; step counts are integers, or fractions of the
+run's total optimizer steps when given as floats in (0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+__all__ = ["RenormSchedule", "renorm_bounds", "renorm_layers"]
+
+
+def renorm_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Named Batch Renorm layers of ``model``: every module with ``r_max`` and ``d_max`` bounds."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "r_max") and hasattr(m, "d_max")}
+
+
+def renorm_bounds(
+    step: int, warmup_steps: int, r_max_steps: int, d_max_steps: int, r_max: float, d_max: float
+) -> tuple[float, float]:
+    """``(r_max, d_max)`` at optimizer step ``step``: (1, 0) during warm-up, then linear to the final values."""
+
+    def ramp(start: float, end: float, reach: int) -> float:
+        if step < warmup_steps:
+            return start
+        if reach <= warmup_steps or step >= reach:
+            return end
+        return start + (end - start) * (step - warmup_steps) / (reach - warmup_steps)
+
+    return ramp(1.0, r_max, r_max_steps), ramp(0.0, d_max, d_max_steps)
+
+
+def _resolve(steps: int | float, total: int, name: str) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps < 0:
+        raise ValueError(f"{name} must be a step count >= 0 or a fraction of the run in (0, 1], got {steps!r}")
+    if isinstance(steps, float):
+        if steps > 1.0:
+            raise ValueError(f"{name}={steps!r}: a float is a fraction of the run and must be <= 1")
+        return round(steps * total)
+    return steps
+
+
+class RenormSchedule(Callback):
+    """Set ``r_max``/``d_max`` of every renorm layer before each training step, and log the clipping.
+
+    Args:
+        warmup_steps: steps of plain BatchNorm (r_max = 1, d_max = 0); paper: 5000.
+        r_max_steps: step at which r_max reaches ``r_max``; paper: 40000.
+        d_max_steps: step at which d_max reaches ``d_max``; paper: 25000.
+        r_max, d_max: final bounds; paper: 3 and 5.
+        log_clipping: every ``log_every_n_steps`` log r_max, d_max and, per layer, the fraction of channels whose
+            r or d was clipped (``renorm/<layer>/r_clipped``, ``renorm/<layer>/d_clipped``) and their means.
+
+    Step counts that are floats in (0, 1] are fractions of the run's total optimizer steps.
+    """
+
+    def __init__(
+        self,
+        warmup_steps: int | float = 5000,
+        r_max_steps: int | float = 40000,
+        d_max_steps: int | float = 25000,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        log_clipping: bool = True,
+    ) -> None:
+        if r_max < 1.0 or d_max < 0.0:
+            raise ValueError(f"final bounds must satisfy r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+        for name, value in (("warmup_steps", warmup_steps), ("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
+            _resolve(value, 1, name)
+        self.warmup_steps, self.r_max_steps, self.d_max_steps = warmup_steps, r_max_steps, d_max_steps
+        self.r_max, self.d_max = float(r_max), float(d_max)
+        self.log_clipping = log_clipping
+        self._steps: tuple[int, int, int] = (0, 0, 0)
+        self._recording: tuple[float, float] | None = None  # bounds of the step whose corrections are recorded
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = int(trainer.estimated_stepping_batches)
+        self._steps = (
+            _resolve(self.warmup_steps, total, "warmup_steps"),
+            _resolve(self.r_max_steps, total, "r_max_steps"),
+            _resolve(self.d_max_steps, total, "d_max_steps"),
+        )
+        if not renorm_layers(pl_module):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn("RenormSchedule: the model has no Batch Renorm layer; the schedule has nothing to set.")
+
+    def bounds(self, step: int) -> tuple[float, float]:
+        return renorm_bounds(step, *self._steps, self.r_max, self.d_max)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        r_max, d_max = self.bounds(trainer.global_step)
+        record = self.log_clipping and trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+        self._recording = (r_max, d_max) if record else None
+        for layer in renorm_layers(pl_module).values():
+            layer.r_max, layer.d_max = r_max, d_max
+            layer.record_corrections = record
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._recording is None:
+            return
+        r_max, d_max = self._recording
+        self._recording = None
+        metrics = {"renorm/r_max": r_max, "renorm/d_max": d_max}
+        for name, layer in renorm_layers(pl_module).items():
+            r, d = getattr(layer, "last_r", None), getattr(layer, "last_d", None)
+            if r is None or d is None:
+                continue
+            prefix = f"renorm/{name.removeprefix('model.')}"
+            metrics[f"{prefix}/r_clipped"] = float(((r >= r_max) | (r <= 1.0 / r_max)).float().mean())
+            metrics[f"{prefix}/d_clipped"] = float((d.abs() >= d_max).float().mean())
+            metrics[f"{prefix}/r_mean"] = float(r.mean())
+            metrics[f"{prefix}/d_abs_mean"] = float(d.abs().mean())
+            layer.last_r = layer.last_d = None
+            layer.record_corrections = False
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": list(self._steps)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._steps = tuple(state_dict.get("steps", self._steps))  # type: ignore[assignment]
+
