@@ -1,0 +1,312 @@
+"""The shared base of bnzoo's DataModules: in-memory datasets, a seeded train/val split, DataLoaders.
+
+Every dataset bnzoo uses fits in memory (Fashion-MNIST: 55 MB of uint8 pixels, CIFAR: 184 MB), so the images
+stay one ``uint8`` tensor and a batch is assembled, augmented and normalized by tensor ops in the
+DataLoader's ``collate_fn`` (:mod:`bnzoo.data.transforms`). That is why ``num_workers=0`` is the default: a
+batch of 128 costs about a millisecond in the main process (with CIFAR augmentation; less without), while
+worker processes would compete with the model's compute threads for the same few CPU cores (raise
+``num_workers`` when a GPU does the compute).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .transforms import ImageCollate, Normalize
+
+__all__ = [
+    "NORMALIZATIONS",
+    "ImageDataModule",
+    "ImageDataset",
+    "InMemoryDataModule",
+    "channel_stats",
+    "split_indices",
+]
+
+NORMALIZATIONS = ("dataset", "train", "none")
+"""``normalization`` choices: the dataset's published per-channel mean/std constants, statistics computed from
+the training split, or none (pixels scaled to [0, 1] only)."""
+
+
+class ImageDataset(Dataset):
+    """Images held in memory: ``images`` uint8 (N, C, H, W), ``labels`` long (N,).
+
+    ``indices`` are the samples' positions in their source file (the official train or test set, of
+    ``source_size`` samples), so a per-sample property such as a sequence length can be tied to the sample
+    itself, whatever split or subset it ends up in.
+    """
+
+    def __init__(
+        self, images: Tensor, labels: Tensor, indices: Tensor | None = None, source_size: int | None = None
+    ):
+        if images.dim() != 4 or images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and "
+                f"{tuple(labels.shape)}"
+            )
+        self.images = images
+        self.labels = labels
+        self.indices = torch.arange(len(labels)) if indices is None else indices
+        self.source_size = len(labels) if source_size is None else source_size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+    def subset(self, indices: Tensor) -> ImageDataset:
+        """The samples at ``indices`` (positions in this dataset), as a new in-memory dataset."""
+        return ImageDataset(
+            self.images[indices], self.labels[indices], self.indices[indices], self.source_size
+        )
+
+
+def split_indices(num_samples: int, val_size: int | float, seed: int) -> tuple[Tensor, Tensor]:
+    """A random train/val split of ``range(num_samples)``, fixed by ``seed``.
+
+    ``val_size`` is a count (int) or a fraction (float in [0, 1)). The train indices come back in the seeded
+    random order (so their first N are a seeded random subset); the val indices sorted.
+    """
+    num_val = round(val_size * num_samples) if isinstance(val_size, float) else val_size
+    if not 0 <= num_val < num_samples:
+        raise ValueError(f"val_size={val_size!r} leaves no training data out of {num_samples} samples")
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    return order[num_val:], order[:num_val].sort().values
+
+
+def channel_stats(images: Tensor, pixel_max: float = 255.0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and population standard deviation of uint8 images (N, C, H, W), in units of
+    ``pixel_max``.
+
+    Exact and light on memory: from a histogram of the 256 byte values per channel, summed in float64.
+    """
+    values = torch.arange(256, dtype=torch.float64) / pixel_max
+    means, stds = [], []
+    for channel in images.unbind(1):
+        counts = torch.bincount(channel.reshape(-1), minlength=256).double()
+        mean = (counts * values).sum() / counts.sum()
+        var = (counts * (values - mean) ** 2).sum() / counts.sum()
+        means.append(mean.item())
+        stds.append(var.sqrt().item())
+    return tuple(means), tuple(stds)
+
+
+def _check_count(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+class InMemoryDataModule(L.LightningDataModule):
+    """What every bnzoo DataModule shares: the common arguments, their checks, and the four DataLoaders.
+
+    Subclasses fill ``train_set``, ``val_set``, ``test_set`` in :meth:`setup` and say how to collate a batch
+    (:meth:`collate_fn`) and, optionally, how to order the training samples (:meth:`train_sampler`).
+    The last incomplete training batch is dropped (a batch of one has no batch statistics, and a small last
+    batch gives noisy ones); evaluation loaders keep every sample, in order. ``pin_memory`` is on only when
+    CUDA is available; ``persistent_workers`` whenever there are workers.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_size: int | float = 0.1,
+        seed: int = 0,
+        train_subset: int | None = None,
+        normalization: str = "dataset",
+        download: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_count("batch_size", batch_size)
+        _check_count("num_workers", num_workers, minimum=0)
+        _check_count("train_subset", train_subset, allow_none=True)
+        if isinstance(val_size, bool) or not (
+            (isinstance(val_size, int) and val_size >= 0)
+            or (isinstance(val_size, float) and 0.0 <= val_size < 1.0)
+        ):
+            raise ValueError(
+                f"val_size must be a count (int >= 0) or a fraction (float in [0, 1)), got {val_size!r}"
+            )
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
+        self.data_dir = Path(data_dir).expanduser()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_size = val_size
+        self.seed = seed
+        self.train_subset = train_subset
+        self.normalization = normalization
+        self.download = download
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # -- what subclasses provide ---------------------------------------------------------------------------
+    def collate_fn(self, train: bool) -> Callable[[list[Any]], Any]:
+        """The ``collate_fn`` of the training (``train=True``) or evaluation DataLoaders."""
+        raise NotImplementedError
+
+    def train_sampler(self) -> Sampler | None:
+        """The training sampler; ``None`` shuffles with torch's global generator (seeded by Lightning)."""
+        return None
+
+    # -- DataLoaders ---------------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset | None, stage: str, train: bool = False) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: call setup({stage!r}) before asking for its DataLoader"
+            )
+        sampler = self.train_sampler() if train else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn(train),
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is not None and len(self.train_set) < self.batch_size:
+            raise ValueError(
+                f"the training split has {len(self.train_set)} samples, fewer than "
+                f"batch_size={self.batch_size} "
+                "(the last incomplete training batch is dropped); lower batch_size or raise train_subset"
+            )
+        return self._loader(self.train_set, "fit", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation split; an empty list (Lightning then skips validation) when ``val_size=0``."""
+        if self.val_set is not None and len(self.val_set) == 0:
+            return []
+        return self._loader(self.val_set, "validate")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, "test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test set, in order (for ``bnzoo predict``)."""
+        return self._loader(self.test_set, "predict")
+
+
+class ImageDataModule(InMemoryDataModule):
+    """Base of the image DataModules. Batches are ``(x, y)``: x float (B, C, H, W), y long (B,).
+
+    A subclass sets the class attributes below and implements :meth:`load_split` (and :meth:`prepare_data` if
+    the data must be fetched). ``num_classes``, ``in_chans`` and ``image_size`` are class attributes, readable
+    before :meth:`setup`, for linking to a model's arguments.
+
+    Args:
+        data_dir: where the dataset's files are looked for and downloaded to.
+        batch_size: samples per batch (training, validation and test).
+        num_workers: DataLoader worker processes (0: assemble batches in the main process; see module doc).
+        val_size: validation samples taken from the training set: a count (int) or a fraction (float).
+        seed: fixes the train/val split and ``train_subset``.
+        train_subset: keep only this many training samples (a seeded random subset), for quick runs.
+        augment: training-time augmentation, where the dataset defines one (``crop_padding``, ``hflip``).
+        normalization: ``"dataset"`` (the class's ``mean``/``std``), ``"train"`` (computed from the training
+            split) or ``"none"`` (pixels scaled to [0, 1]).
+        download: fetch missing files in :meth:`prepare_data` (with torchvision's download code).
+    """
+
+    num_classes: ClassVar[int]
+    in_chans: ClassVar[int]
+    image_size: ClassVar[int]
+    mean: ClassVar[tuple[float, ...]]
+    std: ClassVar[tuple[float, ...]]
+    pixel_max: ClassVar[float] = 255.0
+    crop_padding: ClassVar[int] = 0
+    """Random-crop padding of the training augmentation (0: no crop)."""
+    hflip: ClassVar[bool] = False
+    """Random horizontal flips in the training augmentation."""
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_size: int | float = 0.1,
+        seed: int = 0,
+        train_subset: int | None = None,
+        augment: bool = False,
+        normalization: str = "dataset",
+        download: bool = True,
+    ) -> None:
+        super().__init__(
+            data_dir, batch_size, num_workers, val_size, seed, train_subset, normalization, download
+        )
+        self.save_hyperparameters()
+        self.augment = augment
+        self._train_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        """The official training (``train=True``) or test set in file order: uint8 (N, C, H, W), long (N,)."""
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        """Download what is missing (on rank 0 only under Lightning). Bundled datasets need nothing."""
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits a stage needs: ``fit``/``validate``: train and val; ``test``/``predict``: test."""
+        if self.train_set is None and (stage in (None, "fit", "validate") or self.normalization == "train"):
+            source = ImageDataset(*self._checked_split(train=True))
+            train_idx, val_idx = split_indices(len(source), self.val_size, self.seed)
+            if self.train_subset is not None:
+                if self.train_subset > len(train_idx):
+                    raise ValueError(
+                        f"train_subset={self.train_subset} but the training split has only "
+                        f"{len(train_idx)} samples"
+                    )
+                train_idx = train_idx[: self.train_subset]
+            self.train_set, self.val_set = source.subset(train_idx), source.subset(val_idx)
+        if self.test_set is None and stage in (None, "test", "predict"):
+            self.test_set = ImageDataset(*self._checked_split(train=False))
+
+    def _checked_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        images, labels = self.load_split(train)
+        split = "training" if train else "test"
+        expected = (self.in_chans, self.image_size, self.image_size)
+        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"{type(self).__name__}: {split} images are {images.dtype} {tuple(images.shape)}, "
+                f"expected uint8 (N, {', '.join(map(str, expected))})"
+            )
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+            raise ValueError(
+                f"{type(self).__name__}: {split} labels span [{int(labels.min())}, "
+                f"{int(labels.max())}], expected [0, {self.num_classes - 1}]"
+            )
+        return images, labels.long()
+
+    def normalizer(self) -> Normalize:
+        """The per-channel normalization that ``normalization`` selects (``"train"`` needs :meth:`setup`)."""
+        if self.normalization == "none":
+            mean, std = (0.0,) * self.in_chans, (1.0,) * self.in_chans
+        elif self.normalization == "dataset":
+            mean, std = self.mean, self.std
+        else:
+            if self.train_set is None:
+                raise RuntimeError(f"{type(self).__name__}: normalization='train' needs setup() first")
+            if self._train_stats is None:
+                self._train_stats = channel_stats(self.train_set.images, self.pixel_max)
+            mean, std = self._train_stats
+        return Normalize(mean, std, self.pixel_max)
+
+    def collate_fn(self, train: bool) -> ImageCollate:
+        augment = train and self.augment
+        return ImageCollate(self.normalizer(), self.crop_padding if augment else 0, augment and self.hflip)
