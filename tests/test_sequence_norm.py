@@ -2,7 +2,8 @@
 
 The reference gathers the valid steps of a padded (B, T, C) batch itself and runs a channel norm on those
 rows: ``torch.nn.BatchNorm1d`` for ``bn``, the project's ``BatchRenorm1d`` (``make_norm("renorm", C, "1d")``,
-tested against Ioffe 2017 Alg. 1 elsewhere) for ``renorm``, ``nn.LayerNorm``/``nn.GroupNorm`` for ``ln``/``gn``.
+tested against Ioffe 2017 Alg. 1 elsewhere) for ``renorm``, ``nn.LayerNorm``/``nn.GroupNorm`` for ``ln`` and
+``gn``.
 """
 
 from __future__ import annotations
