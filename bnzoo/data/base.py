@@ -16,8 +16,9 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .transforms import ImageCollate, Normalize
 
@@ -159,8 +160,18 @@ class InMemoryDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def train_sampler(self) -> Sampler | None:
-        """The training sampler; ``None`` shuffles with torch's global generator (seeded by Lightning)."""
-        return None
+        """The training sampler: a shuffle seeded by ``seed + epoch`` (torch's DistributedSampler, sharded over
+        the processes under DDP, which Lightning keeps and advances with ``set_epoch``). The order of every
+        epoch depends only on the seed, so a run resumed from a checkpoint sees the same batches as an
+        uninterrupted one."""
+        distributed = dist.is_available() and dist.is_initialized()
+        return DistributedSampler(
+            self.train_set,  # type: ignore[arg-type]
+            num_replicas=dist.get_world_size() if distributed else 1,
+            rank=dist.get_rank() if distributed else 0,
+            shuffle=True,
+            seed=self.seed,
+        )
 
     # -- DataLoaders ---------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset | None, stage: str, train: bool = False) -> DataLoader:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from .base import ImageDataset, InMemoryDataModule
 from .registry import image_datamodule_class
@@ -175,9 +175,9 @@ class SequenceDataModule(InMemoryDataModule):
     def collate_fn(self, train: bool) -> SequenceCollate:
         return SequenceCollate(self.image_data.normalizer(), self.pixels_per_step, self.permutation)
 
-    def train_sampler(self) -> SortaGradSampler | None:
+    def train_sampler(self) -> Sampler | None:
         if not self.sortagrad:
-            return None
+            return super().train_sampler()
         distributed = dist.is_available() and dist.is_initialized()
         return SortaGradSampler(
             self.train_set.lengths,
