@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from bnzoo.models import create_model
-from bnzoo.norms import list_norms
+from bnzoo.norms import freeze_norms, list_norms
 
 F, H, CLASSES = 5, 6, 3
 LENGTHS = torch.tensor([6, 2, 4, 1, 5])
@@ -175,9 +176,7 @@ def test_ds2_normalizes_exactly_the_input_term(bidirectional: bool) -> None:
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_ds2_recurrence_receives_exactly_the_normalized_term(cell: str, bidirectional: bool) -> None:
-    model = create_model(
-        DS2[cell], norm="bn", input_size=F, hidden_size=H, num_layers=1, bidirectional=bidirectional
-    )
+    model = create_model(DS2[cell], norm="bn", input_size=F, hidden_size=H, num_layers=1, bidirectional=bidirectional)
     model = randomize_norms(model).double()
     layer = model.layers[0]
     norm_call: dict[str, object] = {}
@@ -285,19 +284,24 @@ def test_bn_lstm_follows_equations_6_to_8_with_per_step_statistics() -> None:
         assert layer.norm_ih.steps[t].num_batches_tracked == 0
 
 
+def record_calls(module: nn.Module) -> list[tuple[Tensor, Tensor, bool]]:
+    """Every call of ``module``: (input, output, whether it was in training mode)."""
+    calls: list[tuple[Tensor, Tensor, bool]] = []
+    module.register_forward_hook(lambda m, args, out: calls.append((args[0], out, m.training)))
+    return calls
+
+
 def test_bn_lstm_step_norm_sees_exactly_the_running_sequences_input_terms() -> None:
+    lengths = torch.tensor([6, 2, 4, 6, 5])  # every step has >= 2 running sequences
     model = create_model("bn_lstm", input_size=F, hidden_size=H, max_steps=T).double()
     layer = model.layers[0]
-    seen: list[dict[str, object]] = [{} for _ in range(T)]
-    for step_norm, store in zip(layer.norm_ih.steps, seen, strict=True):
-        capture(step_norm, store)
-    x = padded_batch()
-    model(x, LENGTHS)
-    for t, store in enumerate(seen):
-        expected = x[LENGTHS > t, t] @ layer.weight_ih.T
-        rows = store["input"]
-        assert rows.shape == expected.shape  # a step-t batch of the sequences still running, nothing else
-        torch.testing.assert_close(rows[rows[:, 0].argsort()], expected[expected[:, 0].argsort()])
+    calls = [record_calls(step_norm) for step_norm in layer.norm_ih.steps]
+    x = padded_batch(lengths)
+    model(x, lengths)
+    for t, step_calls in enumerate(calls):
+        assert len(step_calls) == 1
+        expected = x[lengths > t, t] @ layer.weight_ih.T  # the sequences still running, nothing else
+        same_rows(step_calls[0][0], expected)
 
 
 def test_bn_lstm_inference_beyond_the_trained_length_reuses_the_last_step() -> None:
@@ -317,14 +321,20 @@ def test_bn_lstm_inference_beyond_the_trained_length_reuses_the_last_step() -> N
     assert int(short_memory.layers[0].norm_cell.steps[2].num_batches_tracked) == 4
 
 
-def test_bn_lstm_a_step_with_one_running_sequence_uses_running_statistics() -> None:
+def test_bn_lstm_a_step_with_one_running_sequence_is_normalized_as_at_inference() -> None:
     model = create_model("bn_lstm", input_size=F, hidden_size=H, max_steps=5)
     layer = model.layers[0]
-    model(torch.randn(3, 4, F), torch.tensor([4, 2, 2]))  # steps 2 and 3 have a single sequence
-    tracked = [int(n.num_batches_tracked) for n in layer.norm_ih.steps]
-    assert tracked == [1, 1, 0, 0, 0]
+    calls = [record_calls(step_norm) for step_norm in layer.norm_cell.steps]
+    model(torch.randn(3, 4, F), torch.tensor([4, 2, 2]))  # steps 2 and 3 have a single running sequence
     assert int(layer.trained_steps) == 2
-    assert layer.training and all(n.training for n in layer.norm_ih.steps)
+    assert [int(n.num_batches_tracked) for n in layer.norm_cell.steps] == [1, 1, 0, 0, 0]
+    # Steps 2 and 3 use the population statistics of step 1, the last one trained, as inference would.
+    assert [len(c) for c in calls] == [1, 3, 0, 0, 0]
+    norm = layer.norm_cell.steps[1]
+    assert norm.training and [training for _, _, training in calls[1]] == [True, False, False]
+    for row, out, _ in calls[1][1:]:
+        expected = (row - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+        torch.testing.assert_close(out, expected)
 
 
 def test_bn_lstm_initialization_and_shared_affine_parameters() -> None:
@@ -413,9 +423,7 @@ def test_bad_options_fail_at_construction(name: str, options: dict, error: type,
         ((B, T, F), torch.full((B,), 2.0), TypeError, "lengths must be an integer tensor"),
     ],
 )
-def test_bad_inputs_fail_clearly(
-    name: str, x_shape: tuple, lengths: Tensor | None, error: type, message: str
-) -> None:
+def test_bad_inputs_fail_clearly(name: str, x_shape: tuple, lengths: Tensor | None, error: type, message: str) -> None:
     model = create_model(name, input_size=F, hidden_size=4, **({"max_steps": T} if name == "bn_lstm" else {}))
     with pytest.raises(error, match=message):
         model(torch.randn(x_shape), lengths)
@@ -431,3 +439,28 @@ def test_dropout_acts_between_layers_in_training_only() -> None:
     torch.testing.assert_close(model(x), plain(x))
     model.train(), plain.train()
     assert not torch.allclose(model(x), plain(x))
+
+
+@pytest.mark.parametrize("name", ["ds2_gru", "ds2_lstm", "bn_lstm"])
+def test_weights_move_between_batch_norm_kinds(name: str) -> None:
+    """bn and renorm layers keep nn.BatchNorm's state-dict keys; the identity input weights are not state."""
+    options = {"input_size": F, "hidden_size": 4, "num_layers": 2}
+    options.update({"max_steps": 3} if name == "bn_lstm" else {"bidirectional": True})
+    bn, renorm = create_model(name, norm="bn", **options), create_model(name, norm="renorm", **options)
+    assert not any("weight_ih_l0" in key or "bias_ih_l0" in key for key in bn.state_dict())
+    renorm.load_state_dict(bn.state_dict())
+    bn.eval(), renorm.eval()
+    x = torch.randn(B, T, F)
+    torch.testing.assert_close(renorm(x, LENGTHS), bn(x, LENGTHS))  # same inference with the same statistics
+
+
+@pytest.mark.parametrize("name", ["ds2_gru", "bn_lstm"])
+def test_freezing_the_norms_keeps_inference(name: str) -> None:
+    model = create_model(name, input_size=F, hidden_size=4, **({"max_steps": T} if name == "bn_lstm" else {}))
+    x = torch.randn(B, T, F)
+    for _ in range(3):
+        model(x, LENGTHS)
+    expected = model.eval()(x, LENGTHS)
+    frozen = freeze_norms(model)
+    assert not any(isinstance(m, _BatchNorm) for m in frozen.modules())
+    torch.testing.assert_close(frozen.train()(x, LENGTHS), expected)

@@ -259,9 +259,9 @@ class PerStepNorm(nn.Module):
     ``learn_shift=False`` beta stays fixed at 0 (Eq. 6 sets beta_x = beta_h = 0 since the LSTM bias b already
     shifts the gates).
 
-    ``forward(x: (N, C), step)`` normalizes ``x`` with ``steps[step]``. A step with a single row in training
-    has no batch statistics (the variance of one value is 0), so it is normalized with that step's running
-    statistics, which it leaves unchanged.
+    ``forward(x: (N, C), step)`` normalizes ``x`` with ``steps[step]``. A single row in training has no batch
+    statistics (the variance of one value is 0), so it is normalized with the running statistics, which it
+    leaves unchanged.
     """
 
     def __init__(
@@ -314,7 +314,9 @@ class BatchNormLSTMLayer(nn.Module):
 
     Time steps ``t >= max_steps`` use the norms of step ``max_steps - 1``. The buffer ``trained_steps``
     records the longest run of steps that trained with batch statistics; at inference steps beyond it use the
-    statistics of its last step ("for t > T_max we use the population statistics of T_max", Sec. 3).
+    statistics of its last step ("for t > T_max we use the population statistics of T_max", Sec. 3). In
+    training, a step that only one sequence of the batch reaches has no batch statistics (the variance of one
+    value is 0); it is normalized as at inference, with population statistics, and updates none.
     With ``norm="none"`` every norm is the identity and the layer is a plain LSTM, equal to ``nn.LSTM``.
 
     Padding: sequences are processed longest first (as packed), so at step ``t`` only the sequences still
@@ -359,15 +361,20 @@ class BatchNormLSTMLayer(nn.Module):
         return self.hidden_size
 
     def _statistics_steps(self, batch_sizes: list[int]) -> list[int]:
-        """The norm index of every time step of this batch (and, in training, record the steps trained)."""
-        last = self.max_steps - 1
+        """The index of the norms of every time step of this batch.
+
+        Inference: step ``t`` uses the statistics of ``min(t, trained_steps - 1)``. Training: a step with at
+        least two running sequences uses its own batch statistics and the running statistics of
+        ``min(t, max_steps - 1)``, and extends ``trained_steps``; a step with a single running sequence is
+        normalized as at inference.
+        """
         if self.training:
-            trained = sum(1 for size in batch_sizes if size > 1)
-            if trained > int(self.trained_steps):
-                self.trained_steps.fill_(min(trained, self.max_steps))
-        elif int(self.trained_steps) > 0:
-            last = min(last, int(self.trained_steps) - 1)
-        return [min(t, last) for t in range(len(batch_sizes))]
+            with_batch_statistics = sum(1 for size in batch_sizes if size > 1)
+            if with_batch_statistics > int(self.trained_steps):
+                self.trained_steps.fill_(min(with_batch_statistics, self.max_steps))
+        last_trained = (int(self.trained_steps) or self.max_steps) - 1
+        last = self.max_steps - 1
+        return [min(t, last if self.training and size > 1 else last_trained) for t, size in enumerate(batch_sizes)]
 
     def forward(self, x: Steps) -> tuple[Steps, Tensor]:
         """Outputs in the form of ``x`` ((B, T, F) without padding, or packed) and final states (B, H)."""
@@ -415,9 +422,7 @@ class RecurrentClassifier(nn.Module):
     reading back to step 0) or its outputs averaged over the valid steps (``pool="mean"``).
     """
 
-    def __init__(
-        self, layers: list[nn.Module], num_classes: int, *, dropout: float = 0.0, pool: str = "last"
-    ) -> None:
+    def __init__(self, layers: list[nn.Module], num_classes: int, *, dropout: float = 0.0, pool: str = "last") -> None:
         super().__init__()
         if not layers:
             raise ValueError("a recurrent classifier needs at least one layer")
@@ -433,8 +438,7 @@ class RecurrentClassifier(nn.Module):
         """Validate ``x`` and ``lengths``; return the lengths as CPU int64, or None when no step is padded."""
         if x.dim() != 3 or x.shape[-1] != self.input_size:
             raise ValueError(
-                f"{type(self).__name__} expects inputs of shape (batch, time, {self.input_size}), "
-                f"got {tuple(x.shape)}"
+                f"{type(self).__name__} expects inputs of shape (batch, time, {self.input_size}), got {tuple(x.shape)}"
             )
         if lengths is None:
             return None
