@@ -399,6 +399,8 @@ def test_every_norm_kind_trains_evaluates_and_round_trips(name: str, options: di
         ("ds2_gru", {"norm": "none", "norm_options": {"eps": 1e-3}}, ValueError, "unknown option.*eps"),
         ("ds2_gru", {"hidden_size": 0}, ValueError, "hidden_size must be a positive int"),
         ("ds2_lstm", {"num_layers": 0}, ValueError, "num_layers must be a positive int"),
+        ("ds2_lstm", {"bidirectional": "yes"}, ValueError, "bidirectional must be a bool"),
+        ("ds2_gru", {"input_size": 2.5}, ValueError, "input_size must be a positive int"),
         ("ds2_gru", {"pool": "max"}, ValueError, "pool must be one of 'last', 'mean'"),
         ("ds2_gru", {"dropout": 1.0}, ValueError, r"dropout must be a float in \[0, 1\)"),
         ("bn_lstm", {"max_steps": 0}, ValueError, "max_steps must be a positive int"),

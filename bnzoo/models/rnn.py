@@ -12,9 +12,10 @@ every valid time step::
 steps are never computed: ``B`` sees exactly the valid steps, the statistics of the padded batch with its
 lengths. The recurrence runs in PyTorch's fused GRU/LSTM kernel: it receives ``z = B(W x)`` through a fixed
 identity input weight (a buffer) with a zero input bias, so its gates are exactly ``z + U h_{t-1} + b_hh`` --
-no Python loop over time. ``W`` has no bias when the norm has a learned shift (the batch mean would cancel
-it). With ``norm="none"`` each layer *is* ``nn.GRU``/``nn.LSTM`` with its own input weight: the same stack
-without the norm. Registered as ``ds2_gru`` and ``ds2_lstm``.
+no Python loop over time. As in Eq. 2 the input term has no bias but the norm's learned shift beta (for
+``bn`` a bias of ``W`` would be cancelled by the batch mean); ``W`` gets a bias only when the norm has no
+learned shift (``frozen``, ``affine=False``). With ``norm="none"`` each layer *is* ``nn.GRU``/``nn.LSTM``
+with its own input weight: the same stack without the norm. Registered as ``ds2_gru`` and ``ds2_lstm``.
 
 **Recurrent batch normalization** (Cooijmans et al. 2016, Eq. 6-8). Both the input-to-hidden and the
 hidden-to-hidden terms are normalized, with statistics per time step::
@@ -78,6 +79,12 @@ def _check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def _check_norm_options(norm_options: Any) -> dict[str, Any]:
     if norm_options is None:
         return {}
@@ -134,7 +141,7 @@ class FixedInputRecurrence(nn.Module):
         super().__init__()
         self.cell = _check_choice("cell", cell, CELLS)
         self.hidden_size = _check_positive_int("hidden_size", hidden_size)
-        self.bidirectional = bool(bidirectional)
+        self.bidirectional = _check_bool("bidirectional", bidirectional)
         gate_channels = CELLS[cell] * hidden_size
         directions = 2 if bidirectional else 1
         self._flat_names: list[str] = []
@@ -212,7 +219,7 @@ class SequenceWiseNormRNN(nn.Module):
         self.input_size = _check_positive_int("input_size", input_size)
         self.hidden_size = _check_positive_int("hidden_size", hidden_size)
         self.cell = _check_choice("cell", cell, CELLS)
-        self.bidirectional = bool(bidirectional)
+        self.bidirectional = _check_bool("bidirectional", bidirectional)
         directions = 2 if bidirectional else 1
         input_channels = directions * CELLS[cell] * hidden_size
         self.input_proj: nn.Linear | None
