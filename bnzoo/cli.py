@@ -6,9 +6,9 @@
 
 Model and data classes are chosen by name (``--model ImageClassifier``, ``--data FashionMNISTDataModule``);
 the data module's ``num_classes``, ``in_chans``, ``image_size``, ``input_size`` and ``max_length`` are linked to
-the model. Checkpoints (best by ``val/acc`` and ``last``) go to ``<save_dir>/<name>/checkpoints`` of the
-TensorBoard logger, the same folder for every version of a run, so ``--ckpt_path last`` resumes a stopped run;
-an interrupted run (Ctrl-C, an exception) also leaves ``on_exception.ckpt`` there.
+the model. Checkpoints (the best by ``val/acc``, and ``last.ckpt`` after every validation) go to ``<save_dir>/<name>/checkpoints`` of the
+TensorBoard logger, the same folder for every version of a run, so ``--ckpt_path last`` resumes a stopped run
+from its last validation. (A fit without ``--ckpt_path`` always starts afresh.)
 """
 
 from __future__ import annotations
@@ -19,16 +19,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from . import data as _data  # noqa: F401  (data modules are selectable by name)
+from .data import IMAGE_DATAMODULES  # importing bnzoo.data makes its modules selectable by name
+from .callbacks.checkpoints import LastCheckpoint
 from .checkpoint_io import AtomicCheckpointIO
 from .loggers import LearningRateMonitor
-from .tasks import ClassificationTask
+from .tasks import ClassificationTask, check_model_config
 
 __all__ = ["BnzooCLI", "main"]
+
+#: a logger ``name`` of "auto" becomes ``<dataset>-<model>-<norm>``, e.g. ``fashion_mnist-resnet20-renorm``
+AUTO_NAME = "auto"
 
 LINKED_DATA_ATTRIBUTES = ("num_classes", "in_chans", "image_size", "input_size", "max_length")
 
@@ -43,7 +47,7 @@ class BnzooCLI(LightningCLI):
         trainer_defaults = {
             "logger": {
                 "class_path": "bnzoo.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "runs", "name": "bnzoo", "log_graph": True, "default_hp_metric": False},
+                "init_args": {"save_dir": "runs", "name": AUTO_NAME, "log_graph": True, "default_hp_metric": False},
             },
             "callbacks": [LearningRateMonitor(logging_interval="step")],  # persistent: in every run
         }
@@ -68,11 +72,23 @@ class BnzooCLI(LightningCLI):
             {
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
                 "checkpoint.filename": "best-epoch{epoch:03d}-step{step}",
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model = (config.get("model") or {}).get("init_args") or {}
+        try:  # a readable message for a bad name or option, before jsonargparse wraps it while instantiating
+            check_model_config(**{k: model.get(k) for k in ("model", "norm", "norm_options", "model_options")})
+        except ValueError as err:
+            _exit_with_error(err)
+        logger = config.get("trainer", {}).get("logger")
+        init_args = getattr(logger, "init_args", None)
+        if init_args is not None and init_args.get("name") == AUTO_NAME:
+            init_args["name"] = run_name(config)
 
     def instantiate_classes(self) -> None:
         try:
@@ -92,7 +108,7 @@ class BnzooCLI(LightningCLI):
         if trainer.global_rank != 0:
             return
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        last = getattr(trainer.checkpoint_callback, "last_model_path", "") if trainer.checkpoint_callback else ""
+        last = next((c.best_model_path for c in trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint)), "")
         print(f"\nbest checkpoint: {best or '(none)'}\nlast checkpoint: {last or '(none)'}")
         if trainer.logger is not None and trainer.logger.save_dir:
             print(f"TensorBoard: tensorboard --logdir {trainer.logger.save_dir}")
@@ -105,10 +121,26 @@ class BnzooCLI(LightningCLI):
             print(f"{name}: {value:.4f}")
 
 
+def run_name(config: Any) -> str:
+    """``<dataset>-<model>-<norm>`` from a parsed config, e.g. ``fashion_mnist-resnet20-renorm``; sequence tasks
+    add their mode, e.g. ``fashion_mnist_row-ds2_gru-bn``."""
+    data = config.get("data") or {}
+    data_class = str(data.get("class_path", "")).rsplit(".", 1)[-1]
+    names = {cls.__name__: name for name, cls in IMAGE_DATAMODULES.items()}
+    init = data.get("init_args") or {}
+    if data_class in names:
+        dataset = names[data_class]
+    elif "dataset" in init:
+        dataset = f"{init['dataset']}_{init.get('mode', 'seq')}"
+    else:
+        dataset = data_class.removesuffix("DataModule").lower() or "data"
+    model = (config.get("model") or {}).get("init_args") or {}
+    return f"{dataset}-{model.get('model', 'model')}-{model.get('norm', 'norm')}"
+
+
 def _place_checkpoints_in_run_folder(trainer: L.Trainer) -> None:
-    """Point checkpoint callbacks without a folder at ``<save_dir>/<name>/checkpoints`` of the logger (one folder
-    for every version of the run, so ``--ckpt_path last`` finds the previous version's), and add an
-    ``OnExceptionCheckpoint`` there."""
+    """Point checkpoint callbacks without a folder at ``<save_dir>/<name>/checkpoints`` of the logger: one folder
+    for every version of the run, so ``--ckpt_path last`` finds the previous version's."""
     logger = trainer.logger
     if logger is None or logger.save_dir is None:
         return
@@ -116,8 +148,6 @@ def _place_checkpoints_in_run_folder(trainer: L.Trainer) -> None:
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = folder
-    if not any(isinstance(c, OnExceptionCheckpoint) for c in trainer.callbacks):
-        trainer.callbacks.append(OnExceptionCheckpoint(folder))
 
 
 def _exit_with_error(err: BaseException) -> None:
@@ -131,7 +161,7 @@ def main(args: Sequence[str] | None = None) -> int:
     if argv and argv[0] in EXTRA_COMMANDS:
         return EXTRA_COMMANDS[argv[0]](argv[1:])
     try:
-        BnzooCLI(args=argv)
+        BnzooCLI(args=None if args is None else argv)
     except FileNotFoundError as err:  # missing data or checkpoint: the message names the path and the remedy
         if os.environ.get("BNZOO_DEBUG"):
             raise

@@ -18,11 +18,27 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .models import create_model
-from .optim import SCHEDULES, WarmupSchedule, build_sgd
 from .norms.sync import all_reduce_sum
+from .optim import SCHEDULES, WarmupSchedule, build_sgd
 from .plugins import check_layer_sync
 
-__all__ = ["ClassificationTask", "ImageClassifier", "SequenceClassifier"]
+__all__ = ["ClassificationTask", "ImageClassifier", "SequenceClassifier", "check_model_config"]
+
+
+def check_model_config(
+    model: str | None, norm: str | None, norm_options: dict[str, Any] | None, model_options: dict[str, Any] | None
+) -> None:
+    """Raise a ValueError naming the bad value and the valid choices for an unknown model, norm kind, norm
+    option or model option -- without building anything."""
+    from .models.registry import model_options as options_of
+    from .norms.factory import check_norm_config
+
+    valid = options_of(model) if model is not None else {}
+    unknown = sorted(set(model_options or {}) - set(valid))
+    if unknown:
+        raise ValueError(f"model {model!r} got unknown option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}")
+    if norm is not None:
+        check_norm_config(norm, norm_options or {})
 
 
 class ClassificationTask(L.LightningModule):

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from bnzoo.callbacks import RecalibrateNormStats, recalibrate_norm_stats
+from bnzoo.callbacks import LastCheckpoint, RecalibrateNormStats, recalibrate_norm_stats
 from bnzoo.data import DigitsDataModule
 from bnzoo.norms import make_norm
 from bnzoo.tasks import ImageClassifier
@@ -205,14 +205,15 @@ class _StopAt(Callback):
 BATCH = 431
 
 
-def _fit(tmp_path: Path, callbacks: list[Callback], max_epochs: int = 4) -> tuple[ImageClassifier, ModelCheckpoint]:
+def _fit(tmp_path: Path, callbacks: list[Callback], max_epochs: int = 4) -> tuple[ImageClassifier, LastCheckpoint]:
     L.seed_everything(0)
     data = DigitsDataModule(batch_size=BATCH, seed=0)
     model = ImageClassifier(model="mlp", norm="bn", model_options={"hidden": [16]}, num_classes=10, in_chans=1,
                             image_size=8, lr=0.05)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, monitor="val/acc", mode="max")
+    checkpoint = LastCheckpoint(dirpath=str(tmp_path))
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
     trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[*callbacks, checkpoint])
+                        enable_model_summary=False, callbacks=[*callbacks, best, checkpoint])
     trainer.fit(model, data)
     return model, checkpoint
 
@@ -242,7 +243,7 @@ def test_callback_puts_recalibrated_statistics_in_the_last_checkpoint(tmp_path: 
     if stop_early:  # training ends before max_epochs: recalibration in on_train_end rewrites last.ckpt
         callbacks.append(_StopAt(7))
     model, checkpoint = _fit(tmp_path, callbacks)
-    state = torch.load(checkpoint.last_model_path, weights_only=True)["state_dict"]
+    state = torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"]
     mean, var = _running_stats(state)
     want_mean, want_var = _population_of_first_layer(model, state)
     torch.testing.assert_close(mean.double(), want_mean, rtol=1e-5, atol=1e-5)

@@ -1,9 +1,11 @@
 """Lightning callbacks for normalization: recalibration, the Batch Renorm schedule, diagnostics."""
 
+from .checkpoints import LastCheckpoint
 from .recalibrate import RecalibrateNormStats, recalibrate_norm_stats, stat_norm_layers
 from .renorm_schedule import RenormSchedule, renorm_bounds, renorm_layers
 
 __all__ = [
+    "LastCheckpoint",
     "RecalibrateNormStats",
     "RenormSchedule",
     "recalibrate_norm_stats",

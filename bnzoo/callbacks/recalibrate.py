@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..norms.sequence import SequenceNorm, sequence_mask
+from .checkpoints import LastCheckpoint
 from ..norms.sync import all_reduce_sum
 
 __all__ = ["RecalibrateNormStats", "recalibrate_norm_stats", "stat_norm_layers"]
@@ -166,9 +167,9 @@ class RecalibrateNormStats(Callback):
     """Recompute norm statistics after training (Ioffe & Szegedy 2015, Alg. 2), so checkpoints carry them.
 
     The recalibration runs after the last training step, *before* the final validation and checkpoint: the
-    final validation metrics, the choice of the best checkpoint and ``last.ckpt`` all see the recalibrated
-    statistics. (If training stops early -- early stopping, ``max_time`` -- it runs in ``on_train_end`` and the
-    last checkpoint is written again.) The validation accuracy and loss just before and after recalibrating are
+    final validation metrics, the choice of the best checkpoint and ``last.ckpt`` (of :class:`LastCheckpoint`)
+    all see the recalibrated statistics. (If training stops early -- early stopping, ``max_time`` -- it runs in
+    ``on_train_end`` and the latest checkpoint is written again.) The validation accuracy and loss just before and after recalibrating are
     logged as ``recalibrate/val_acc_before``, ``recalibrate/val_acc_after`` (and ``..._loss_...``).
 
     Args:
@@ -204,11 +205,9 @@ class RecalibrateNormStats(Callback):
         if self._done_at_step == trainer.global_step:
             return
         self._final_recalibration(trainer, pl_module)
-        callback = trainer.checkpoint_callback
-        last_path = getattr(callback, "last_model_path", "") if callback is not None else ""
-        if last_path:
-            trainer.save_checkpoint(last_path)
-            rank_zero_info(f"RecalibrateNormStats: rewrote {last_path} with the recalibrated statistics")
+        for path in latest_checkpoint_paths(trainer):
+            trainer.save_checkpoint(path)
+            rank_zero_info(f"RecalibrateNormStats: rewrote {path} with the recalibrated statistics")
 
     # -- what ---------------------------------------------------------------------------------------------
     def _final_recalibration(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -241,6 +240,17 @@ class RecalibrateNormStats(Callback):
         used = recalibrate_norm_stats(pl_module, loader, forward, self.num_batches, self.population)
         self._done_at_step = trainer.global_step
         return used
+
+
+def latest_checkpoint_paths(trainer: L.Trainer) -> list[str]:
+    """The files that hold the run's latest state: ``LastCheckpoint``'s and any ``save_last`` file."""
+    paths = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, LastCheckpoint) and callback.best_model_path:
+            paths.append(callback.best_model_path)
+        elif getattr(callback, "save_last", False) and getattr(callback, "last_model_path", ""):
+            paths.append(callback.last_model_path)
+    return sorted(set(paths))
 
 
 def _run_model(pl_module: L.LightningModule, batch: Any) -> Any:

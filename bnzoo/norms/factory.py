@@ -121,6 +121,11 @@ def make_norm(kind: str, num_features: int, layout: str = "2d", **options: Any) 
     return spec.builder(num_features, layout, **options)
 
 
+def check_norm_config(kind: str, options: dict[str, Any]) -> None:
+    """Raise a ValueError for an unknown kind or option, without building a layer."""
+    _check_options(_lookup(kind), options)
+
+
 def _check_options(spec: _NormKind, options: dict[str, Any]) -> None:
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
