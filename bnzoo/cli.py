@@ -1,18 +1,21 @@
-"""The ``bnzoo`` command: a LightningCLI for ``fit | validate | test | predict``, plus bnzoo's own tools.
+"""The ``bnzoo`` command: a LightningCLI for ``fit | validate | test | predict``, plus bnzoo's own tools
+(``recalibrate``, ``export``, ``pretrained``, ``experiment``).
 
-    bnzoo fit --config configs/fashion_mnist/resnet20.yaml --model.norm renorm
-    bnzoo test --config configs/fashion_mnist/resnet20.yaml --ckpt_path runs/<name>/checkpoints/last.ckpt
+    bnzoo fit --config configs/fashion_mnist/resnet.yaml --model.init_args.norm renorm
+    bnzoo test --config configs/fashion_mnist/resnet.yaml --ckpt_path runs/<name>/checkpoints/last.ckpt
     bnzoo fit --config ... --print_config
 
 Model and data classes are chosen by name (``--model ImageClassifier``, ``--data FashionMNISTDataModule``);
 the data module's ``num_classes``, ``in_chans``, ``image_size``, ``input_size`` and ``max_length`` are linked to
-the model. Checkpoints (the best by ``val/acc``, and ``last.ckpt`` after every validation) go to ``<save_dir>/<name>/checkpoints`` of the
-TensorBoard logger, the same folder for every version of a run, so ``--ckpt_path last`` resumes a stopped run
-from its last validation. (A fit without ``--ckpt_path`` always starts afresh.)
+the model. Checkpoints (the best by ``val/acc``, and ``last.ckpt`` after every validation) go to
+``<save_dir>/<name>/checkpoints`` of the TensorBoard logger, the same folder for every version of a run, so
+``--ckpt_path last`` resumes a stopped run from its last validation. (A fit without ``--ckpt_path`` always
+starts afresh.)
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -36,8 +39,19 @@ AUTO_NAME = "auto"
 
 LINKED_DATA_ATTRIBUTES = ("num_classes", "in_chans", "image_size", "input_size", "max_length")
 
-#: bnzoo's own subcommands beside LightningCLI's; each takes the remaining arguments and returns an exit code.
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], int]] = {}
+#: bnzoo's own subcommands beside LightningCLI's: ``name -> "module:function"``, imported when used. Each function
+#: takes the remaining command-line arguments and returns an exit code.
+EXTRA_COMMANDS: dict[str, str] = {
+    "recalibrate": "bnzoo.callbacks.recalibrate:recalibrate_main",
+    "export": "bnzoo.hub:export_main",
+    "pretrained": "bnzoo.hub:pretrained_main",
+    "experiment": "bnzoo.experiments:main",
+}
+
+
+def _extra_command(name: str) -> Callable[[list[str]], int]:
+    module_name, function = EXTRA_COMMANDS[name].split(":")
+    return getattr(importlib.import_module(module_name), function)
 
 
 class BnzooCLI(LightningCLI):
@@ -159,7 +173,7 @@ def main(args: Sequence[str] | None = None) -> int:
     """Entry point of the ``bnzoo`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
-        return EXTRA_COMMANDS[argv[0]](argv[1:])
+        return _extra_command(argv[0])(argv[1:])
     try:
         BnzooCLI(args=None if args is None else argv)
     except FileNotFoundError as err:  # missing data or checkpoint: the message names the path and the remedy
