@@ -42,7 +42,7 @@ LINKED_DATA_ATTRIBUTES = ("num_classes", "in_chans", "image_size", "input_size",
 #: bnzoo's own subcommands beside LightningCLI's: ``name -> "module:function"``, imported when used. Each function
 #: takes the remaining command-line arguments and returns an exit code.
 EXTRA_COMMANDS: dict[str, str] = {
-    "recalibrate": "bnzoo.callbacks.recalibrate:recalibrate_main",
+    "recalibrate": "bnzoo.recalibrate_command:main",
     "export": "bnzoo.hub:export_main",
     "pretrained": "bnzoo.hub:pretrained_main",
     "experiment": "bnzoo.experiments:main",

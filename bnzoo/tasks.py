@@ -131,7 +131,8 @@ class ClassificationTask(L.LightningModule):
             )
         on_step = stage == "train"
         batch_size = target.shape[0]
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size,
+                 sync_dist=not on_step)
         for name, metric in self.metrics[f"{stage}_"].items():
             metric(output.detach(), target)
             self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=name == "acc",

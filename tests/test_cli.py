@@ -185,3 +185,24 @@ def test_missing_data_names_the_path_and_the_remedy(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert str(tmp_path / "nowhere") in result.stderr and "download" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_recalibrate_command_rewrites_statistics_only(tmp_path: Path) -> None:
+    config = ["--config", str(ROOT / "configs/digits/mlp.yaml")]
+    run_cli("fit", *config, *QUICK, "--trainer.callbacks", "[]")  # trained without recalibration
+    last = next(tmp_path.glob("runs/*/checkpoints/last.ckpt"))
+    printed = run_cli("recalibrate", *config, "--ckpt_path", str(last), "--num_batches", "5", "--population")
+    assert "recalibrated 3 norm layers from 5 batches (population)" in printed and "val/acc:" in printed
+    before = torch.load(last, weights_only=True)
+    after = torch.load(last.with_name("last-recalibrated.ckpt"), weights_only=True)
+    assert after["global_step"] == before["global_step"]
+    changed = [k for k in before["state_dict"] if not torch.equal(before["state_dict"][k], after["state_dict"][k])]
+    assert changed and all(k.endswith(("running_mean", "running_var")) for k in changed), changed
+
+
+def test_recalibrate_command_names_both_architectures_on_a_mismatch(tmp_path: Path) -> None:
+    run_cli("fit", "--config", str(ROOT / "configs/digits/mlp.yaml"), *QUICK, "--trainer.callbacks", "[]")
+    last = str(next(tmp_path.glob("runs/*/checkpoints/last.ckpt")))
+    result = run_subprocess("recalibrate", "--config", str(ROOT / "configs/digits/resnet.yaml"), "--ckpt_path", last)
+    assert result.returncode == 2
+    assert "holds a 'mlp' with norm 'bn', the config builds 'resnet20' with norm 'bn'" in result.stderr

@@ -235,7 +235,7 @@ class RecalibrateNormStats(Callback):
 
         def forward(batch: Any) -> Any:
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-            return _run_model(pl_module, batch)
+            return run_model(pl_module, batch)
 
         used = recalibrate_norm_stats(pl_module, loader, forward, self.num_batches, self.population)
         self._done_at_step = trainer.global_step
@@ -253,7 +253,7 @@ def latest_checkpoint_paths(trainer: L.Trainer) -> list[str]:
     return sorted(set(paths))
 
 
-def _run_model(pl_module: L.LightningModule, batch: Any) -> Any:
+def run_model(pl_module: L.LightningModule, batch: Any) -> Any:
     """Forward one batch: the task's ``split_batch`` when it has one, else the first element of the batch."""
     if hasattr(pl_module, "split_batch"):
         inputs, _ = pl_module.split_batch(batch)
