@@ -78,7 +78,7 @@ class RenormSchedule(Callback):
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.log_clipping = log_clipping
         self._steps: tuple[int, int, int] = (0, 0, 0)
-        self._recording: tuple[float, float] | None = None  # bounds of the step whose corrections are recorded
+        self._recording: tuple[int, float, float] | None = None  # (step, r_max, d_max) being recorded
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = int(trainer.estimated_stepping_batches)
@@ -98,7 +98,7 @@ class RenormSchedule(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         r_max, d_max = self.bounds(trainer.global_step)
         record = self.log_clipping and trainer.global_step % max(1, trainer.log_every_n_steps) == 0
-        self._recording = (r_max, d_max) if record else None
+        self._recording = (trainer.global_step, r_max, d_max) if record else None
         for layer in renorm_layers(pl_module).values():
             layer.r_max, layer.d_max = r_max, d_max
             layer.record_corrections = record
@@ -106,7 +106,7 @@ class RenormSchedule(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self._recording is None:
             return
-        r_max, d_max = self._recording
+        step, r_max, d_max = self._recording
         self._recording = None
         metrics = {"renorm/r_max": r_max, "renorm/d_max": d_max}
         for name, layer in renorm_layers(pl_module).items():
@@ -121,7 +121,7 @@ class RenormSchedule(Callback):
             layer.last_r = layer.last_d = None
             layer.record_corrections = False
         if trainer.logger is not None:
-            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+            trainer.logger.log_metrics(metrics, step=step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": list(self._steps)}
