@@ -17,7 +17,7 @@ Speed: ``r`` and ``d`` are per-channel constants, so ``y`` is BatchNorm with wei
 ``beta + gamma * d``. The batch moments are computed once with the native
 ``batch_norm_update_stats`` kernel; the output with the native kernel given those moments, and the backward
 pass is the native training-mode BatchNorm backward with the same saved moments -- the layer does the work of
-one BatchNorm plus a handful of per-channel operations.
+one BatchNorm plus a handful of per-channel operations, with one autograd node as BatchNorm has.
 """
 
 from __future__ import annotations
@@ -51,28 +51,43 @@ def batch_renorm_corrections(
     return r, d
 
 
-class _NormalizeWithBatchMoments(torch.autograd.Function):
-    """BatchNorm's training-mode output and gradients, given the batch moments computed beforehand.
+class _BatchRenormFunction(torch.autograd.Function):
+    """Batch Renorm's training output and gradients, given the batch moments and the corrections r and d.
 
-    Forward: ``(x - mean) / sqrt(var + eps) * weight + bias`` with the native kernel (inference mode, so the
-    moments are not recomputed). Backward: the native training-mode BatchNorm backward with ``mean`` and
-    ``1/sqrt(var + eps)`` as the saved batch statistics, i.e. gradients flow through the batch moments exactly
-    as in BatchNorm (Ioffe & Szegedy 2015, Sec. 3), while ``weight`` and ``bias`` are plain parameters.
+    ``y = (x - mean) * invstd * (gamma * r) + (beta + gamma * d)`` is BatchNorm with weight ``gamma * r`` and bias
+    ``beta + gamma * d``. Forward: the native kernel in inference mode with the precomputed moments (they are
+    not computed a second time). Backward: the native *training-mode* BatchNorm backward with ``mean`` and
+    ``invstd = 1/sqrt(var + eps)`` as the saved batch statistics, so gradients flow through the batch moments
+    exactly as in BatchNorm (Ioffe & Szegedy 2015, Sec. 3) while r and d are constants (Ioffe 2017, Alg. 1);
+    then ``dL/dgamma = dL/dw' * r + dL/db' * d`` and ``dL/dbeta = dL/db'``. Folding gamma and beta inside
+    keeps the autograd graph to one node, as BatchNorm's.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float
+        ctx: Any,
+        x: Tensor,
+        gamma: Tensor | None,
+        beta: Tensor | None,
+        r: Tensor,
+        d: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        invstd: Tensor,
+        eps: float,
     ) -> Tensor:
-        invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
+        if gamma is None:
+            weight, bias = r, d
+        else:
+            weight, bias = gamma * r, torch.addcmul(beta, gamma, d)
+        ctx.save_for_backward(x, weight, mean, invstd, r, d)
         ctx.eps = eps
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, mean, invstd = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        x, weight, mean, invstd, r, d = ctx.saved_tensors
+        affine = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad_out.contiguous(memory_format=_memory_format(x)),
             x,
@@ -83,9 +98,11 @@ class _NormalizeWithBatchMoments(torch.autograd.Function):
             invstd,
             True,
             ctx.eps,
-            mask,
+            [ctx.needs_input_grad[0], affine, affine],
         )
-        return grad_x, grad_w, grad_b, None, None, None
+        grad_gamma = torch.addcmul(grad_w * r, grad_b, d) if ctx.needs_input_grad[1] else None
+        grad_beta = grad_b if ctx.needs_input_grad[2] else None
+        return grad_x, grad_gamma, grad_beta, None, None, None, None, None, None
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -153,25 +170,24 @@ class _BatchRenorm(SyncableNorm, _BatchNorm):
                 # kernel return float32 moments for bf16/fp16 inputs.
                 mean, var = torch.batch_norm_update_stats(input, self.running_mean, self.running_var, 0.0)
         with torch.no_grad():
-            batch_std = (var.detach() + self.eps).sqrt_()
-            running_std = (self.running_var + self.eps).sqrt_()
+            # sigma_B and sigma as one (2, C) tensor, and the running updates as one foreach op: per-channel
+            # work is a handful of tiny kernels whose launch cost, not their arithmetic, is what shows
+            stds = torch.stack((var.detach(), self.running_var)).add_(self.eps).sqrt_()
+            batch_std, running_std = stds[0], stds[1]
             r, d = batch_renorm_corrections(
                 mean.detach(), batch_std, self.running_mean, running_std, self.r_max, self.d_max
             )
             self.num_batches_tracked.add_(1)
             rate = update_rate(self.momentum, self.num_batches_tracked)
-            self.running_mean.lerp_(mean.detach(), rate)
-            running_std.lerp_(batch_std, rate)
-            torch.sub(running_std.square_(), self.eps, out=self.running_var).clamp_min_(0.0)
+            torch._foreach_lerp_([self.running_mean, running_std], [mean.detach(), batch_std], rate)
+            torch.mul(running_std, running_std, out=self.running_var).sub_(self.eps)  # stores sigma^2 - eps
         if self.record_corrections:
             self.last_r, self.last_d = r, d
         if synced:
             return normalize_with_moments(input, mean, var, self.weight, self.bias, self.eps, r, d)
-        if self.weight is None:
-            weight, bias = r, d
-        else:
-            weight, bias = self.weight * r, torch.addcmul(self.bias, self.weight, d)
-        return _NormalizeWithBatchMoments.apply(input, weight, bias, mean, var, self.eps)
+        return _BatchRenormFunction.apply(
+            input, self.weight, self.bias, r, d, mean, var, batch_std.reciprocal(), self.eps
+        )
 
 
 def _check_bounds(r_max: Any, d_max: Any) -> None:
