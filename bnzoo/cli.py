@@ -92,6 +92,18 @@ class BnzooCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand in ("validate", "test", "predict"):  # a pretrained name or URL: its sha256-verified file
+            from .hub import resolve_ckpt_path
+
+            config = self.config[subcommand]
+            try:
+                config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"))
+            except ValueError as err:
+                _exit_with_error(err)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         model = (config.get("model") or {}).get("init_args") or {}

@@ -64,8 +64,13 @@ def model_options(name: str) -> dict[str, Any]:
     }
 
 
-def create_model(name: str, **options: Any) -> nn.Module:
-    """Build the registered model ``name``: ``create_model("resnet20", norm="renorm", num_classes=10)``."""
+def create_model(name: str, pretrained: bool | str = False, **options: Any) -> nn.Module:
+    """Build the registered model ``name``: ``create_model("resnet20", norm="renorm", num_classes=10)``.
+
+    ``pretrained``: ``True`` loads the zoo's checkpoint of this architecture and norm, a string the checkpoint
+    of that name, path or URL (:func:`bnzoo.hub.pretrained_model`: verified, loaded with ``weights_only=True``,
+    refused when it holds another architecture or norm); options not given are then the checkpoint's.
+    """
     fn = _entry_point(name)
     valid = model_options(name)
     unknown = sorted(set(options) - set(valid))
@@ -73,4 +78,8 @@ def create_model(name: str, **options: Any) -> nn.Module:
         raise ValueError(
             f"model {name!r} got unknown option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}"
         )
+    if pretrained is not False:
+        from ..hub import pretrained_model  # the hub builds its networks with this function: imported when used
+
+        return pretrained_model(name, pretrained, options)
     return fn(**options)
