@@ -79,9 +79,7 @@ def benchmark(workloads: list[Workload], rounds: int, batch: int | None = None) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batches of 8, 3 rounds")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per model (default 15)")
     args = parser.parse_args()

@@ -154,9 +154,7 @@ def test_train_eval_and_state_dict_round_trip(name: str, norm: str) -> None:
         assert not torch.allclose(rescaled, expected), "eval output ignores the running variance"
 
 
-@pytest.mark.parametrize(
-    "name", ["resnet20", "timm_resnet18", "bn_inception_small", "timm_inception_v3", "mlp"]
-)
+@pytest.mark.parametrize("name", ["resnet20", "timm_resnet18", "bn_inception_small", "timm_inception_v3", "mlp"])
 def test_models_pickle(name: str) -> None:
     model = build(name, "renorm").eval()
     x = images(name)
@@ -175,9 +173,7 @@ def test_every_norm_comes_from_bnzoo(name: str) -> None:
     assert len(norms) == len(convs) + len(hidden)
 
 
-@pytest.mark.parametrize(
-    "name", ["resnet20", "timm_resnet18", "bn_inception_small", "timm_inception_v3", "mlp"]
-)
+@pytest.mark.parametrize("name", ["resnet20", "timm_resnet18", "bn_inception_small", "timm_inception_v3", "mlp"])
 def test_norm_options_reach_every_norm(name: str) -> None:
     model = build(name, "renorm", norm_options={"r_max": 2.0, "d_max": 1.0})
     renorms = [m for m in model.modules() if hasattr(m, "r_max")]
@@ -205,9 +201,7 @@ def cifar_resnet_parameters(n: int, norm_params_per_channel: int, conv_bias: boo
     return total + 64 * 10 + 10
 
 
-@pytest.mark.parametrize(
-    ("depth", "paper"), [(20, "0.27"), (32, "0.46"), (44, "0.66"), (56, "0.85"), (110, "1.7")]
-)
+@pytest.mark.parametrize(("depth", "paper"), [(20, "0.27"), (32, "0.46"), (44, "0.66"), (56, "0.85"), (110, "1.7")])
 def test_cifar_resnet_parameter_counts(depth: int, paper: str) -> None:
     n = (depth - 2) // 6
     assert 6 * n + 2 == depth
@@ -430,9 +424,7 @@ def test_mlp_norm_position(position: str) -> None:
         assert model.blocks[-1].linear.bias is not None
 
 
-@pytest.mark.parametrize(
-    ("activation", "gain"), [("sigmoid", 1.0), ("relu", math.sqrt(2.0)), ("tanh", 5 / 3)]
-)
+@pytest.mark.parametrize(("activation", "gain"), [("sigmoid", 1.0), ("relu", math.sqrt(2.0)), ("tanh", 5 / 3)])
 @pytest.mark.parametrize("init_scale", [0.1, 3.0])
 def test_mlp_init_scale(activation: str, gain: float, init_scale: float) -> None:
     model = create_model(

@@ -215,6 +215,4 @@ def timm_norm_act_layer(
     and ``act``.
     """
     check_choice("activation", activation, ACTIVATIONS)
-    return functools.partial(
-        _norm_act, norm=norm_layer(norm, "2d", **(norm_options or {})), activation=activation
-    )
+    return functools.partial(_norm_act, norm=norm_layer(norm, "2d", **(norm_options or {})), activation=activation)

@@ -42,9 +42,7 @@ CIFAR_WIDTHS: tuple[int, int, int] = (16, 32, 64)
 
 def _resolve_skip_init(norm: str, skip_init: Any, zero_init_residual: Any) -> bool:
     if skip_init is not None and not isinstance(skip_init, bool):
-        raise ValueError(
-            f"skip_init must be True, False or None (on exactly when norm='none'), got {skip_init!r}"
-        )
+        raise ValueError(f"skip_init must be True, False or None (on exactly when norm='none'), got {skip_init!r}")
     if not isinstance(zero_init_residual, bool):
         raise ValueError(f"zero_init_residual must be True or False, got {zero_init_residual!r}")
     return norm == "none" if skip_init is None else skip_init
@@ -126,9 +124,7 @@ class CifarResNet(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-            raise ValueError(
-                f"a CIFAR ResNet's depth must be 6n + 2 with n >= 1 (20, 32, 44, ...), got {depth!r}"
-            )
+            raise ValueError(f"a CIFAR ResNet's depth must be 6n + 2 with n >= 1 (20, 32, 44, ...), got {depth!r}")
         check_image_options(num_classes, in_chans, 1)
         use_skip_init = _resolve_skip_init(norm, skip_init, zero_init_residual)
         blocks_per_stage = (depth - 2) // 6
@@ -139,9 +135,7 @@ class CifarResNet(nn.Module):
             for position in range(blocks_per_stage):
                 stride = 2 if index > 0 and position == 0 else 1
                 blocks.append(
-                    BasicBlock(
-                        channels, width, stride, norm=norm, norm_options=norm_options, skip_init=use_skip_init
-                    )
+                    BasicBlock(channels, width, stride, norm=norm, norm_options=norm_options, skip_init=use_skip_init)
                 )
                 channels = width
             stages.append(nn.Sequential(*blocks))
@@ -267,9 +261,7 @@ def _register_resnet(
 
 def _cifar_summary(depth: int, params: str) -> str:
     n = (depth - 2) // 6
-    return (
-        f"ResNet-{depth} for CIFAR (He et al. 2015, Sec. 4.2): n = {n} blocks per stage, {params} parameters."
-    )
+    return f"ResNet-{depth} for CIFAR (He et al. 2015, Sec. 4.2): n = {n} blocks per stage, {params} parameters."
 
 
 def _timm_summary(variant: str) -> str:
