@@ -187,3 +187,12 @@ def test_norm_layer_callable_for_timm() -> None:
     assert pickle.loads(pickle.dumps(factory))(4).r_max == 2.0
     with pytest.raises(ValueError, match="unknown option"):
         norm_layer("bn", r_max=2.0)
+
+
+def test_norm_layer_goes_straight_into_timm() -> None:
+    import timm
+
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=3, norm_layer=norm_layer("renorm", r_max=2.0))
+    renorms = [m for m in net.modules() if type(m).__name__ == "BatchRenorm2d"]
+    assert renorms and all(m.r_max == 2.0 for m in renorms)
+    assert not any(type(m) is nn.BatchNorm2d for m in net.modules())

@@ -181,12 +181,11 @@ class SkipInit(nn.Module):
 def timm_norm_layer(norm: str, norm_options: dict[str, Any] | None = None) -> Callable[..., nn.Module]:
     """bnzoo's 2d norm as a ``norm_layer`` argument of timm's CNN constructors (ResNet, ...).
 
-    timm's ``get_norm_layer`` accepts only classes, strings, functions and ``functools.partial`` objects, so
-    the :class:`bnzoo.norms.NormLayer` goes in a ``partial``; timm unwraps it back to the NormLayer, which
-    builds each layer with :func:`bnzoo.norms.make_norm` (and drops keyword arguments such as ``device`` that
-    the kind does not take). An unknown kind or option fails here.
+    :func:`bnzoo.norms.norm_layer` is a keyword-only ``functools.partial``, which timm's ``get_norm_layer``
+    accepts; it builds each layer with :func:`bnzoo.norms.make_norm`, dropping keyword arguments such as
+    ``device`` that the kind does not take. An unknown kind or option fails here.
     """
-    return functools.partial(norm_layer(norm, "2d", **(norm_options or {})))
+    return norm_layer(norm, "2d", **(norm_options or {}))
 
 
 def _norm_act(

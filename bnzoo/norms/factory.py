@@ -19,6 +19,7 @@ is a config string everywhere a user meets it.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,33 +137,30 @@ def _check_options(spec: _NormKind, options: dict[str, Any]) -> None:
         )
 
 
-class NormLayer:
-    """A picklable ``norm_layer(num_features)`` callable of one kind, for code that takes a norm *class*.
+#: what :func:`norm_layer` returns: ``f(num_features, **model_kwargs) -> nn.Module``
+NormLayer = Callable[..., nn.Module]
 
-    timm's models call ``norm_layer(num_features)`` (sometimes with keyword arguments such as ``eps``). Keyword
-    arguments that the kind does not accept are dropped, since they come from the model's code, not the user;
-    the user's own ``options`` were validated when the NormLayer was made.
-    """
 
-    def __init__(self, kind: str, layout: str = "2d", **options: Any) -> None:
-        _check_options(_lookup(kind), options)  # fail now, not deep inside a model's constructor
-        _check_layout(layout)
-        self.kind, self.layout, self.options = kind, layout, dict(options)
-
-    def __call__(self, num_features: int, **model_kwargs: Any) -> nn.Module:
-        accepted = _KINDS[self.kind].options
-        merged = {k: v for k, v in model_kwargs.items() if k in accepted}
-        merged.update(self.options)
-        return make_norm(self.kind, num_features, self.layout, **merged)
-
-    def __repr__(self) -> str:
-        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return f"NormLayer({self.kind!r}, {self.layout!r}{opts})"
+def _build_for_model(
+    num_features: int, *, kind: str, layout: str, options: dict[str, Any], **model_kwargs: Any
+) -> nn.Module:
+    accepted = _KINDS[kind].options
+    merged = {k: v for k, v in model_kwargs.items() if k in accepted}
+    merged.update(options)
+    return make_norm(kind, num_features, layout, **merged)
 
 
 def norm_layer(kind: str, layout: str = "2d", **options: Any) -> NormLayer:
-    """A ``norm_layer`` callable for timm and torchvision constructors: ``norm_layer("renorm", r_max=2.0)``."""
-    return NormLayer(kind, layout, **options)
+    """A ``norm_layer(num_features)`` callable of one kind, for constructors that take a norm *class*
+    (``timm.create_model(..., norm_layer=norm_layer("renorm", r_max=2.0))``, torchvision's models).
+
+    It is a ``functools.partial`` with keyword arguments only, which timm accepts (and rebinds) and which
+    pickles. Keyword arguments that the model's code passes and the kind does not accept (e.g. timm's ``eps``
+    for ``none``) are dropped; the user's own ``options`` are validated here, not deep inside a model.
+    """
+    _check_options(_lookup(kind), options)
+    _check_layout(layout)
+    return functools.partial(_build_for_model, kind=kind, layout=layout, options=dict(options))
 
 
 # ----------------------------------------------------------------------------------------------------------
