@@ -47,6 +47,10 @@ __all__ = [
     "unit_percentiles",
 ]
 
+#: bins of every histogram: TensorBoard's default ("tensorflow", ~1500 exponential bins) costs ~2 ms per histogram
+#: on a CPU, 64 equal bins ~0.3 ms
+HISTOGRAM_BINS = 64
+
 #: the norm layer types whose parameters and statistics :class:`NormStatistics` reports
 NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, FrozenBatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -84,7 +88,7 @@ def _log_histograms(trainer: L.Trainer, values: dict[str, Tensor], step: int) ->
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             for tag, tensor in values.items():
-                logger.experiment.add_histogram(tag, tensor.detach().float().cpu(), step)
+                logger.experiment.add_histogram(tag, tensor.detach().float().cpu(), step, bins=HISTOGRAM_BINS)
 
 
 def _named_submodules(root: nn.Module, names: Sequence[str], what: str) -> dict[str, nn.Module]:

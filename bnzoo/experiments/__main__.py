@@ -1,0 +1,7 @@
+"""``python -m bnzoo.experiments ...`` is ``bnzoo experiment ...``."""
+
+import sys
+
+from bnzoo.experiments import main
+
+sys.exit(main())
