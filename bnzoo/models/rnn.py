@@ -499,64 +499,44 @@ def _deep_speech2(
     return _stack(make_layer, input_size, num_layers, num_classes, dropout, pool)
 
 
-@register_model
-def ds2_gru(
-    *,
-    norm: str = "bn",
-    norm_options: dict[str, Any] | None = None,
-    num_classes: int = 10,
-    input_size: int = 28,
-    hidden_size: int = 128,
-    num_layers: int = 3,
-    bidirectional: bool = False,
-    dropout: float = 0.0,
-    pool: str = "last",
-) -> RecurrentClassifier:
-    """Deep Speech 2 style stack of GRU layers, sequence-wise normalization of the input term only
-    (Amodei et al. 2016, Sec. 3.2): ``h_t = f(B(W x_t) + U h_{t-1})``, statistics over batch and valid
-    steps."""
-    return _deep_speech2(
-        "gru",
-        input_size,
-        num_layers,
-        num_classes,
-        dropout,
-        pool,
-        hidden_size=hidden_size,
-        bidirectional=bidirectional,
-        norm=norm,
-        norm_options=norm_options,
+def _deep_speech2_entry(cell: str) -> Callable[..., RecurrentClassifier]:
+    """The registered entry point of the Deep Speech 2 stack with ``cell`` ("gru" or "lstm")."""
+
+    def entry(
+        *,
+        norm: str = "bn",
+        norm_options: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        input_size: int = 28,
+        hidden_size: int = 128,
+        num_layers: int = 3,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+        pool: str = "last",
+    ) -> RecurrentClassifier:
+        return _deep_speech2(
+            cell,
+            input_size,
+            num_layers,
+            num_classes,
+            dropout,
+            pool,
+            hidden_size=hidden_size,
+            bidirectional=bidirectional,
+            norm=norm,
+            norm_options=norm_options,
+        )
+
+    entry.__name__ = entry.__qualname__ = f"ds2_{cell}"
+    entry.__doc__ = (
+        f"Deep Speech 2 style stack of {cell.upper()} layers, sequence-wise normalization of the input term only "
+        "(Amodei et al. 2016, Sec. 3.2): ``h_t = f(B(W x_t) + U h_{t-1})``, statistics over batch and valid steps."
     )
+    return entry
 
 
-@register_model
-def ds2_lstm(
-    *,
-    norm: str = "bn",
-    norm_options: dict[str, Any] | None = None,
-    num_classes: int = 10,
-    input_size: int = 28,
-    hidden_size: int = 128,
-    num_layers: int = 3,
-    bidirectional: bool = False,
-    dropout: float = 0.0,
-    pool: str = "last",
-) -> RecurrentClassifier:
-    """Deep Speech 2 style stack of LSTM layers, sequence-wise normalization of the input term only
-    (Amodei et al. 2016, Sec. 3.2): ``h_t = f(B(W x_t) + U h_{t-1})``, statistics over batch and valid
-    steps."""
-    return _deep_speech2(
-        "lstm",
-        input_size,
-        num_layers,
-        num_classes,
-        dropout,
-        pool,
-        hidden_size=hidden_size,
-        bidirectional=bidirectional,
-        norm=norm,
-        norm_options=norm_options,
-    )
+ds2_gru = register_model(_deep_speech2_entry("gru"))
+ds2_lstm = register_model(_deep_speech2_entry("lstm"))
 
 
 @register_model
