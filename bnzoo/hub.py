@@ -21,9 +21,10 @@ load follows the same three rules:
    keys, so a bn checkpoint would otherwise load silently into a renorm network).
 
 URLs (``http``, ``https``, ``file``) are downloaded with ``urllib`` into a cache directory (``cache_dir=``, else
-``$BNZOO_CACHE_DIR``, else ``<torch.hub.get_dir()>/bnzoo``), verified before they are written, and written
-atomically: the cache never holds a partial or unverified file. An index entry may carry a ``url``: when its
-file is not in the folder it is downloaded from there, and verified against the entry's sha256.
+``$BNZOO_CACHE_DIR``, else ``<torch.hub.get_dir()>/bnzoo``), verified (when a sha256 is known) before they are
+written, and written atomically: the cache never holds a partial file, nor one that failed its sha256. An index
+entry may carry a ``url``: when its file is not in the folder it is downloaded from there, and verified against
+the entry's sha256.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def resolve_cache_dir(directory: str | os.PathLike[str] | None = None) -> Path:
 def download(url: str, sha256: str | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The local copy of ``url`` (``http``, ``https`` or ``file``) in the cache, downloaded when missing (or when
     the cached copy does not match ``sha256``). The download is verified against ``sha256`` before it is written,
-    and written atomically, so the cache never holds a partial or unverified file. Files live under
+    and written atomically, so the cache never holds a partial file, nor one that failed its sha256. Files live under
     ``<cache_dir>/<hash of the URL>/<file name>``: two URLs with the same file name never share a copy."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in URL_SCHEMES:
@@ -348,7 +349,7 @@ def _read_lightning(data: bytes, path: Path, map_location: Any) -> tuple[dict[st
         reason = next((line for line in lines if line.startswith(("Trying to load", "Unsupported"))), lines[-1])
         raise UnsafeCheckpointError(
             f"{path}: refused to load: torch.load(weights_only=True) found more than tensors and plain types "
-            f"({reason}). bnzoo never unpickles code; if you trust this file, load it yourself"
+            f"({reason.rstrip('.')}). bnzoo never unpickles code; if you trust this file, load it yourself"
         ) from err
     except RuntimeError as err:
         raise ValueError(f"{path}: not a readable torch checkpoint ({str(err).splitlines()[0]})") from err
