@@ -64,7 +64,7 @@ def model_options(name: str) -> dict[str, Any]:
     }
 
 
-def create_model(name: str, pretrained: bool | str = False, **options: Any) -> nn.Module:
+def create_model(name: str, *, pretrained: bool | str = False, **options: Any) -> nn.Module:
     """Build the registered model ``name``: ``create_model("resnet20", norm="renorm", num_classes=10)``.
 
     ``pretrained``: ``True`` loads the zoo's checkpoint of this architecture and norm, a string the checkpoint
