@@ -26,9 +26,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .data import IMAGE_DATAMODULES  # importing bnzoo.data makes its modules selectable by name
 from .callbacks.checkpoints import LastCheckpoint
-from .checkpoint_io import AtomicCheckpointIO
+from .checkpoint_io import AtomicCheckpointIO, safe_torch_load
+from .data import IMAGE_DATAMODULES  # importing bnzoo.data makes its modules selectable by name
 from .loggers import LearningRateMonitor
 from .tasks import ClassificationTask, check_model_config
 
@@ -95,14 +95,18 @@ class BnzooCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        if subcommand in ("validate", "test", "predict"):  # a pretrained name or URL: its sha256-verified file
-            from .hub import resolve_ckpt_path
+        if subcommand not in ("fit", "validate", "test", "predict"):
+            return
+        config = self.config[subcommand]
+        try:
+            if subcommand != "fit":  # a pretrained name or URL: its sha256-verified file
+                from .hub import resolve_ckpt_path
 
-            config = self.config[subcommand]
-            try:
                 config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"))
-            except ValueError as err:
-                _exit_with_error(err)
+            # LightningCLI would silently replace the config's model by the checkpoint's: refuse a mismatch
+            check_checkpoint_matches_config(config.get("ckpt_path"), (config.get("model") or {}).get("init_args"))
+        except ValueError as err:
+            _exit_with_error(err)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -145,6 +149,21 @@ class BnzooCLI(LightningCLI):
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
         for name, value in sorted(metrics.items()):
             print(f"{name}: {value:.4f}")
+
+
+def check_checkpoint_matches_config(ckpt_path: str | None, model_args: Any) -> None:
+    """Raise a ValueError naming both when the checkpoint at ``ckpt_path`` holds another model or norm than the
+    config's ``model.init_args`` would build."""
+    if not ckpt_path or model_args is None or not os.path.isfile(ckpt_path):
+        return
+    trained = safe_torch_load(ckpt_path).get("hyper_parameters", {})
+    differ = [k for k in ("model", "norm") if k in trained and model_args.get(k) != trained[k]]
+    if differ:
+        raise ValueError(
+            f"{ckpt_path} holds a {trained.get('model')!r} with norm {trained.get('norm')!r}, but the config builds a "
+            f"{model_args.get('model')!r} with norm {model_args.get('norm')!r}; use the checkpoint's config (for the "
+            "zoo: configs/pretrained/<name>.yaml) or set --model.init_args.model/norm to match"
+        )
 
 
 def run_name(config: Any) -> str:

@@ -206,3 +206,13 @@ def test_recalibrate_command_names_both_architectures_on_a_mismatch(tmp_path: Pa
     result = run_subprocess("recalibrate", "--config", str(ROOT / "configs/digits/resnet.yaml"), "--ckpt_path", last)
     assert result.returncode == 2
     assert "holds a 'mlp' with norm 'bn', the config builds 'resnet20' with norm 'bn'" in result.stderr
+
+
+def test_a_checkpoint_of_another_model_or_norm_is_refused_naming_both(tmp_path: Path) -> None:
+    run_cli("fit", "--config", str(ROOT / "configs/digits/mlp.yaml"), *QUICK, "--trainer.callbacks", "[]")
+    last = str(next(tmp_path.glob("runs/*/checkpoints/last.ckpt")))
+    result = run_subprocess("test", "--config", str(ROOT / "configs/digits/mlp.yaml"), "--model.init_args.norm",
+                            "renorm", "--ckpt_path", last)
+    assert result.returncode == 2
+    assert "holds a 'mlp' with norm 'bn', but the config builds a 'mlp' with norm 'renorm'" in result.stderr
+    assert "Traceback" not in result.stderr
