@@ -74,12 +74,12 @@ class RecordInputs(Callback):
 # ActivationPercentiles
 
 
-@pytest.mark.parametrize("shape", [(37, 5), (6, 3, 4, 5)])
-def test_unit_percentiles_equal_numpy(shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(("shape", "dim"), [((37, 5), 1), ((6, 3, 4, 5), 1), ((4, 7, 3), -1)])
+def test_unit_percentiles_equal_numpy(shape: tuple[int, ...], dim: int) -> None:
     x = torch.randn(shape) * 3 + 1
-    got = unit_percentiles(x, [0, 2], [15, 50, 85])
+    got = unit_percentiles(x, [0, 2], [15, 50, 85], dim)
     for row, unit in enumerate([0, 2]):
-        values = np.moveaxis(x.numpy(), 1, 0)[unit].ravel()
+        values = np.moveaxis(x.numpy(), dim, 0)[unit].ravel()
         np.testing.assert_allclose(got[row].numpy(), np.percentile(values.astype(np.float64), [15, 50, 85]), rtol=1e-6)
 
 

@@ -180,6 +180,8 @@ def test_class_grouped_datamodule_trains_on_grouped_batches() -> None:
     x, y = next(iter(data.train_dataloader()))
     assert x.shape == (16, 1, 8, 8) and len(y.unique()) == 2
     assert len(next(iter(data.val_dataloader()))[1].unique()) > 2  # validation stays i.i.d.
+    with pytest.raises(ValueError, match="batch_size=16 is not a multiple of classes_per_batch=3"):
+        ClassGroupedDataModule("digits", classes_per_batch=3, batch_size=16)
 
 
 def test_rescaled_features_raw_and_standardized() -> None:

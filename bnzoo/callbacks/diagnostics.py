@@ -108,19 +108,19 @@ def _named_submodules(root: nn.Module, names: Sequence[str], what: str) -> dict[
 # Activation percentiles (Ioffe & Szegedy 2015, Fig. 1)
 
 
-def unit_percentiles(x: Tensor, units: Sequence[int], percentiles: Sequence[float]) -> Tensor:
+def unit_percentiles(x: Tensor, units: Sequence[int], percentiles: Sequence[float], dim: int = 1) -> Tensor:
     """Percentiles of each unit's values in a batch: a (len(units), len(percentiles)) float64 tensor.
 
-    A unit is an index along dimension 1 of ``x`` -- a feature of (N, C) inputs, a channel of (N, C, *) feature
-    maps, whose values are then taken over the batch and every position. Percentiles are in [0, 100], with
-    linear interpolation between order statistics (``torch.quantile``'s and numpy's default).
+    A unit is an index along dimension ``dim`` of ``x`` -- a feature of (N, C) inputs or a channel of (N, C, *)
+    feature maps with ``dim=1``, a feature of (B, T, C) sequences with ``dim=-1`` -- whose values are taken over
+    every other dimension (the batch, positions, time steps). Percentiles are in [0, 100], with linear
+    interpolation between order statistics (``torch.quantile``'s and numpy's default).
     """
     if x.dim() < 2:
-        raise ValueError(f"expected an (N, C, *) tensor, got shape {tuple(x.shape)}")
+        raise ValueError(f"expected a tensor with a batch and a unit dimension, got shape {tuple(x.shape)}")
     q = torch.tensor([p / 100.0 for p in percentiles], dtype=torch.float64, device=x.device)
-    values = x.detach().index_select(1, torch.as_tensor(list(units), device=x.device))
-    rows = values.transpose(0, 1).reshape(len(units), -1).double()
-    return torch.quantile(rows, q, dim=1).T
+    values = x.detach().movedim(dim, 0).index_select(0, torch.as_tensor(list(units), device=x.device))
+    return torch.quantile(values.reshape(len(units), -1).double(), q, dim=1).T
 
 
 class ActivationPercentiles(Callback):
@@ -140,6 +140,7 @@ class ActivationPercentiles(Callback):
         every_n_steps: how often, in optimizer steps.
         on: ``"input"`` or ``"output"`` of each module.
         histograms: also log a TensorBoard histogram of each unit's values.
+        dim: the dimension that indexes units: 1 for (N, C) and (N, C, *) tensors, -1 for (B, T, C) sequences.
 
     ``history`` holds ``{"step", "module", "unit", "p15": ..., "p50": ..., ...}`` per unit and logging step.
     """
@@ -152,6 +153,7 @@ class ActivationPercentiles(Callback):
         every_n_steps: int = 50,
         on: str = "input",
         histograms: bool = True,
+        dim: int = 1,
     ) -> None:
         self.modules = [modules] if isinstance(modules, str) else list(modules)
         if not self.modules or not all(isinstance(m, str) for m in self.modules):
@@ -172,6 +174,7 @@ class ActivationPercentiles(Callback):
         self.every_n_steps = _check_every(every_n_steps)
         self.on = on
         self.histograms = histograms
+        self.dim = dim
         self.history: list[dict[str, Any]] = []
         self._handles: list[RemovableHandle] = []
         self._step: int | None = None  # the step being recorded
@@ -196,10 +199,11 @@ class ActivationPercentiles(Callback):
                 return
             self._pending.discard(name)
             value = inputs[0] if self.on == "input" else output
-            if value.dim() < 2 or max(self.units) >= value.shape[1]:
+            units = value.shape[self.dim] if value.dim() > 1 else 0
+            if max(self.units) >= units:
                 raise ValueError(
-                    f"ActivationPercentiles: {name!r} has {value.shape[1] if value.dim() > 1 else 0} units "
-                    f"(dimension 1 of its {self.on} of shape {tuple(value.shape)}); asked for units {self.units}"
+                    f"ActivationPercentiles: {name!r} has {units} units (dimension {self.dim} of its {self.on} of "
+                    f"shape {tuple(value.shape)}); asked for units {self.units}"
                 )
             self._captured[name] = value.detach()
 
@@ -220,7 +224,7 @@ class ActivationPercentiles(Callback):
         scalars: dict[str, float] = {}
         histograms: dict[str, Tensor] = {}
         for name, value in captured.items():
-            table = unit_percentiles(value, self.units, self.percentiles).tolist()
+            table = unit_percentiles(value, self.units, self.percentiles, self.dim).tolist()
             module = _short_name(name)
             for unit, row in zip(self.units, table, strict=True):
                 record: dict[str, Any] = {"step": step, "module": module, "unit": unit}
@@ -230,7 +234,7 @@ class ActivationPercentiles(Callback):
                     scalars[f"activations/{module}/unit{unit}/{key}"] = v
                 self.history.append(record)
                 if self.histograms:
-                    histograms[f"activations/{module}/unit{unit}"] = value.select(1, unit)
+                    histograms[f"activations/{module}/unit{unit}"] = value.select(self.dim, unit)
         _log_scalars(trainer, scalars, step)
         _log_histograms(trainer, histograms, step)
 

@@ -25,6 +25,7 @@ from bnzoo.data.registry import image_datamodule_class
 
 __all__ = [
     "ClassGroupedBatchSampler",
+    "check_grouping",
     "ClassGroupedDataModule",
     "RescaledCollate",
     "RescaledFeaturesDataModule",
@@ -42,6 +43,17 @@ class _Epoch:
         self.epoch = epoch
 
 
+def check_grouping(batch_size: int, classes_per_batch: Any, num_classes: int) -> None:
+    """A ValueError naming the bad value unless ``batch_size`` splits into ``classes_per_batch`` equal parts of
+    distinct classes out of ``num_classes``."""
+    if isinstance(classes_per_batch, bool) or not isinstance(classes_per_batch, int) or classes_per_batch < 1:
+        raise ValueError(f"classes_per_batch must be a positive int, got {classes_per_batch!r}")
+    if classes_per_batch > num_classes:
+        raise ValueError(f"classes_per_batch={classes_per_batch} but the data has only {num_classes} classes")
+    if batch_size % classes_per_batch:
+        raise ValueError(f"batch_size={batch_size} is not a multiple of classes_per_batch={classes_per_batch}")
+
+
 class ClassGroupedBatchSampler(Sampler[list[int]]):
     """Batches of ``classes_per_batch`` distinct classes, ``batch_size // classes_per_batch`` samples of each.
 
@@ -53,13 +65,7 @@ class ClassGroupedBatchSampler(Sampler[list[int]]):
 
     def __init__(self, labels: Sequence[int] | Tensor, batch_size: int, classes_per_batch: int, seed: int = 0) -> None:
         self.labels = torch.as_tensor(labels, dtype=torch.long)
-        if isinstance(classes_per_batch, bool) or not isinstance(classes_per_batch, int) or classes_per_batch < 1:
-            raise ValueError(f"classes_per_batch must be a positive int, got {classes_per_batch!r}")
-        present = int(self.labels.unique().numel())
-        if classes_per_batch > present:
-            raise ValueError(f"classes_per_batch={classes_per_batch} but the data has only {present} classes")
-        if batch_size % classes_per_batch:
-            raise ValueError(f"batch_size={batch_size} is not a multiple of classes_per_batch={classes_per_batch}")
+        check_grouping(batch_size, classes_per_batch, int(self.labels.unique().numel()))
         self.batch_size, self.classes_per_batch, self.seed = batch_size, classes_per_batch, seed
         self.sampler = _Epoch()
         self._cache: tuple[int, list[list[int]]] | None = None
@@ -172,8 +178,7 @@ class ClassGroupedDataModule(WrappedImageDataModule):
             train_subset=train_subset, normalization=normalization, download=download,
         )  # fmt: skip
         self.save_hyperparameters()
-        ClassGroupedBatchSampler([0] * classes_per_batch + list(range(classes_per_batch)), self.batch_size,
-                                 classes_per_batch)  # fmt: skip  # fail now on a bad combination
+        check_grouping(batch_size, classes_per_batch, self.num_classes)
         self.classes_per_batch = classes_per_batch
 
     def train_dataloader(self) -> DataLoader:

@@ -175,6 +175,11 @@ def _stats(columns: list[list[float]]) -> tuple[list[float], list[float], list[f
     return means, lows, highs
 
 
+def _color(spec: ExperimentSpec, variant: str) -> Any:
+    """One color per variant, the same in every panel of the figure."""
+    return COLORS[list(spec.variants).index(variant) % len(COLORS)]
+
+
 def _panel_variants(panel: dict[str, Any], spec: ExperimentSpec, results: Results) -> list[str]:
     wanted = panel.get("variants") or list(spec.variants)
     return [v for v in wanted if v in results.variants()]
@@ -182,11 +187,12 @@ def _panel_variants(panel: dict[str, Any], spec: ExperimentSpec, results: Result
 
 def _curve(ax: Axes, panel: dict[str, Any], spec: ExperimentSpec, results: Results) -> None:
     series = panel["series"]
-    for i, variant in enumerate(_panel_variants(panel, spec, results)):
+    for variant in _panel_variants(panel, spec, results):
         steps, stacked = _seed_stack(results.runs(variant), series, int(panel.get("smooth", 1)))
         mean, low, high = _stats(stacked)
-        color = COLORS[i % len(COLORS)]
-        ax.plot(steps, mean, color=color, label=spec.variants[variant].label, lw=1.4)
+        color = _color(spec, variant)
+        marker = "o" if len(steps) <= 12 else None
+        ax.plot(steps, mean, color=color, label=spec.variants[variant].label, lw=1.4, marker=marker, ms=3)
         if len(stacked) > 1:
             ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
     ax.set_xlabel("step")
@@ -197,11 +203,11 @@ def _curve(ax: Axes, panel: dict[str, Any], spec: ExperimentSpec, results: Resul
 
 
 def _band(ax: Axes, panel: dict[str, Any], spec: ExperimentSpec, results: Results) -> None:
-    for i, variant in enumerate(_panel_variants(panel, spec, results)):
+    for variant in _panel_variants(panel, spec, results):
         runs = results.runs(variant)
         steps, lower = _seed_stack(runs, panel["lower"])
         _, upper = _seed_stack(runs, panel["upper"])
-        color = COLORS[i % len(COLORS)]
+        color = _color(spec, variant)
         ax.fill_between(steps, _stats(lower)[0], _stats(upper)[0], color=color, alpha=0.35, lw=0,
                         label=spec.variants[variant].label)  # fmt: skip
     ax.set_xlabel("step")
@@ -233,6 +239,7 @@ def _bars(ax: Axes, panel: dict[str, Any], spec: ExperimentSpec, results: Result
     variants = _panel_variants(panel, spec, results)
     scale = 100.0 if all(n in ACCURACIES or n == "recalibration_gain" for n in names) else 1.0
     width = 0.8 / len(metrics)
+    shown: list[float] = []
     for j, metric in enumerate(metrics):
         for i, variant in enumerate(variants):
             values = [run_metric(metric, run, results)[0] * scale for run in results.runs(variant)]
@@ -240,10 +247,11 @@ def _bars(ax: Axes, panel: dict[str, Any], spec: ExperimentSpec, results: Result
             mean = statistics.fmean(finite) if finite else 0.0
             std = statistics.stdev(finite) if len(finite) > 1 else 0.0
             x = i + (j - (len(metrics) - 1) / 2) * width
-            color = COLORS[(j if len(metrics) > 1 else i) % len(COLORS)]
+            color = COLORS[j % len(COLORS)] if len(metrics) > 1 else _color(spec, variant)
             label = metric_label(metric) if i == 0 and len(metrics) > 1 else None
             ax.bar(x, mean, width=width * 0.9, yerr=std, color=color, alpha=0.7, capsize=3, label=label)
             ax.plot([x] * len(finite), finite, "k.", ms=3)
+            shown += finite
     ax.set_xticks(range(len(variants)), [spec.variants[v].label for v in variants], rotation=25, ha="right",
                   fontsize=7)  # fmt: skip
     default = metric_label(metrics[0]) if len(metrics) == 1 else "value"
@@ -252,6 +260,11 @@ def _bars(ax: Axes, panel: dict[str, Any], spec: ExperimentSpec, results: Result
         ax.legend(fontsize=7)
     if panel.get("ylim"):
         ax.set_ylim(*panel["ylim"])
+    elif scale == 100 and shown and min(shown) > 20:  # accuracies: zoom in, the axis says where it starts
+        low, high = min(shown), max(shown)
+        ax.set_ylim(
+            5 * math.floor((low - max(2.0, 0.5 * (high - low))) / 5), min(100.0, high + 0.15 * (high - low) + 1)
+        )
 
 
 def _sweep(ax: Axes, panel: dict[str, Any], spec: ExperimentSpec, results: Results) -> None:
@@ -436,6 +449,7 @@ def write_report(results_dir: Path, out: Path, config_root: Path | None = None) 
                 f"margin {format_value(name, judgement.margin).lstrip('>+')}): {_ours(judgement, name)} -> "
                 f"**{judgement.verdict}**."
             ]
+        section += ["", f"Note: {spec.notes}"] if spec.notes else []
         load = results.data.get("machine", {}).get("load_avg", [math.nan])[0]
         section += [
             "",

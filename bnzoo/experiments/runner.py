@@ -39,9 +39,15 @@ from .spec import ExperimentSpec, Variant, deep_merge, load_spec
 
 __all__ = ["build_run_config", "run_experiment", "run_one", "run_suite", "variance_shift"]
 
-#: trainer settings of every experiment run unless its config says otherwise
+#: trainer settings of every experiment run unless its config says otherwise; ``val_check_interval`` counts
+#: optimizer steps across epochs (``check_val_every_n_epoch: null``), as the experiments' step budgets do
 RUN_DEFAULTS: dict[str, Any] = {
-    "trainer": {"enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0},
+    "trainer": {
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "check_val_every_n_epoch": None,
+    },
     "checkpoint": {"save_top_k": 0},  # the results are the JSON file: no checkpoint files per run
     "last_checkpoint": {"every_n_epochs": 0},
 }

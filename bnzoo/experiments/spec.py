@@ -8,6 +8,7 @@ panels. Example (abridged)::
     title: BN keeps a sigmoid's input distribution stable
     source: Ioffe & Szegedy 2015, Sec. 4.1, Fig. 1
     setup: MLP 3x100 sigmoid, batch 60, Fashion-MNIST, 3000 steps
+    notes: how to read the result (optional; shown under the findings)
     config: base.yaml                  # relative to the experiment's folder
     seeds: [0, 1, 2]
     variants:
@@ -57,8 +58,8 @@ MEASURES: tuple[str, ...] = ("test", "recalibrated", "variance_shift")
 #: verdict rules of a finding (see :mod:`bnzoo.experiments.metrics`)
 RULES: tuple[str, ...] = ("greater", "less", "close")
 
-_SPEC_KEYS = ("claim", "title", "source", "setup", "config", "seeds", "quick_seeds", "variants", "quick", "measure",
-              "test_batches", "recalibration", "findings", "figure", "expected_minutes")  # fmt: skip
+_SPEC_KEYS = ("claim", "title", "source", "setup", "notes", "config", "seeds", "quick_seeds", "variants", "quick",
+              "measure", "test_batches", "recalibration", "findings", "figure", "expected_minutes")  # fmt: skip
 _VARIANT_KEYS = ("label", "config", "x")
 _FINDING_KEYS = ("claim", "statement", "source", "metric", "rule", "a", "b", "min_margin", "tolerance")
 
@@ -143,6 +144,7 @@ class ExperimentSpec:
     findings: list[Finding]
     figure: list[dict[str, Any]]
     expected_minutes: float = 1.0
+    notes: str = ""
 
     def base_config(self) -> dict[str, Any]:
         """The base ``bnzoo fit`` config as a dict."""
@@ -250,6 +252,7 @@ def load_spec(name_or_path: str | Path, root: Path | None = None) -> ExperimentS
         findings=_parse_findings(name, raw.get("findings"), list(variants)),
         figure=list(raw.get("figure", []) or []),
         expected_minutes=float(raw.get("expected_minutes", 1.0)),
+        notes=" ".join(str(raw.get("notes", "")).split()),
     )
 
 
