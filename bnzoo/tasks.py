@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .models import create_model
+from .models.registry import check_model_options
+from .norms.factory import check_norm_config
 from .norms.sync import all_reduce_sum
 from .optim import SCHEDULES, WarmupSchedule, build_sgd
 from .plugins import check_layer_sync
@@ -30,13 +32,8 @@ def check_model_config(
 ) -> None:
     """Raise a ValueError naming the bad value and the valid choices for an unknown model, norm kind, norm
     option or model option -- without building anything."""
-    from .models.registry import model_options as options_of
-    from .norms.factory import check_norm_config
-
-    valid = options_of(model) if model is not None else {}
-    unknown = sorted(set(model_options or {}) - set(valid))
-    if unknown:
-        raise ValueError(f"model {model!r} got unknown option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}")
+    if model is not None:
+        check_model_options(model, model_options or {})
     if norm is not None:
         check_norm_config(norm, norm_options or {})
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-__all__ = ["create_model", "is_model", "list_models", "model_options", "register_model"]
+__all__ = ["check_model_options", "create_model", "is_model", "list_models", "model_options", "register_model"]
 
 ModelFn = TypeVar("ModelFn", bound=Callable[..., nn.Module])
 
@@ -71,15 +71,19 @@ def create_model(name: str, *, pretrained: bool | str = False, **options: Any) -
     of that name, path or URL (:func:`bnzoo.hub.pretrained_model`: verified, loaded with ``weights_only=True``,
     refused when it holds another architecture or norm); options not given are then the checkpoint's.
     """
-    fn = _entry_point(name)
+    check_model_options(name, options)
+    if pretrained is not False:
+        from ..hub import pretrained_model  # the hub builds its networks with this function: imported when used
+
+        return pretrained_model(name, pretrained, options)
+    return _entry_point(name)(**options)
+
+
+def check_model_options(name: str, options: dict[str, Any]) -> None:
+    """Raise a ValueError for an unknown model ``name`` or option, naming it and the valid ones."""
     valid = model_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
             f"model {name!r} got unknown option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}"
         )
-    if pretrained is not False:
-        from ..hub import pretrained_model  # the hub builds its networks with this function: imported when used
-
-        return pretrained_model(name, pretrained, options)
-    return fn(**options)
