@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnzoo.models import create_model, list_models, model_options
+from bnzoo.models import BUILTIN_MODELS, create_model, model_options
 from bnzoo.models.inception import inception_v3_min_image_size
 from bnzoo.models.resnet import BasicBlock, ShortcutA
-from bnzoo.norms import FrozenBatchNorm, list_norms
+from bnzoo.norms import BUILTIN_NORMS, FrozenBatchNorm
 
-IMAGE_MODELS = sorted(name for name in list_models() if "image_size" in model_options(name))
-NORMS = list_norms()
+IMAGE_MODELS = sorted(name for name in BUILTIN_MODELS if "image_size" in model_options(name))
+NORMS = list(BUILTIN_NORMS)
 OWN_MODELS = [
     "resnet20",
     "resnet32",

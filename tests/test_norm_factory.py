@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bnzoo.norms import (
+    BUILTIN_NORMS,
     LAYOUTS,
     FrozenBatchNorm,
     default_num_groups,
@@ -29,6 +30,7 @@ def run(layer: nn.Module, x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def test_builtin_kinds_are_listed() -> None:
+    assert set(BUILTIN) == set(BUILTIN_NORMS)  # what bnzoo ships, whatever else is registered later
     assert set(BUILTIN) <= set(list_norms())
     assert list_norms() == sorted(list_norms())
 

@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from bnzoo.models import create_model
-from bnzoo.norms import freeze_norms, list_norms
+from bnzoo.norms import BUILTIN_NORMS, freeze_norms
 
 F, H, CLASSES = 5, 6, 3
 LENGTHS = torch.tensor([6, 2, 4, 1, 5])
@@ -369,7 +369,7 @@ MATRIX = [(DS2[cell], {"bidirectional": bi}) for cell in ("gru", "lstm") for bi 
 MATRIX.append(("bn_lstm", {"max_steps": 4}))
 
 
-@pytest.mark.parametrize("norm", list_norms())
+@pytest.mark.parametrize("norm", BUILTIN_NORMS)
 @pytest.mark.parametrize(("name", "options"), MATRIX, ids=[f"{n}-{o}" for n, o in MATRIX])
 def test_every_norm_kind_trains_evaluates_and_round_trips(name: str, options: dict, norm: str) -> None:
     build = {"norm": norm, "input_size": F, "hidden_size": 4, "num_layers": 2, "num_classes": CLASSES}

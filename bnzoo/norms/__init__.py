@@ -7,7 +7,7 @@ BatchRenorm2d(64, eps=1e-05, momentum=0.01, affine=True, bias=True, track_runnin
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .channel import ChannelGroupNorm, ChannelLayerNorm, default_num_groups
-from .factory import LAYOUTS, NormLayer, describe_norms, list_norms, make_norm, norm_layer, register_norm
+from .factory import BUILTIN_NORMS, LAYOUTS, NormLayer, describe_norms, list_norms, make_norm, norm_layer, register_norm
 from .frozen import FrozenBatchNorm, freeze_norms
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, batch_renorm_corrections
 from .sequence import (
@@ -24,6 +24,7 @@ from .sequence import (
 from .sync import SyncableNorm, all_reduce_sum, global_batch_moments, is_distributed, normalize_with_moments
 
 __all__ = [
+    "BUILTIN_NORMS",
     "LAYOUTS",
     "BatchNorm1d",
     "BatchNorm2d",

@@ -40,7 +40,7 @@ from .sequence import (
     SequenceLayerNorm,
 )
 
-__all__ = ["LAYOUTS", "NormLayer", "list_norms", "make_norm", "norm_layer", "register_norm"]
+__all__ = ["BUILTIN_NORMS", "LAYOUTS", "NormLayer", "list_norms", "make_norm", "norm_layer", "register_norm"]
 
 LAYOUTS: tuple[str, ...] = ("1d", "2d", "3d", "seq")
 
@@ -224,3 +224,8 @@ def _build_ln(num_features: int, layout: str, *, eps: float = 1e-5, affine: bool
 def _build_frozen(num_features: int, layout: str, *, eps: float = 1e-5) -> nn.Module:
     cls = SequenceFrozenBatchNorm if layout == "seq" else FrozenBatchNorm
     return cls(num_features, eps=eps)
+
+
+BUILTIN_NORMS: tuple[str, ...] = tuple(list_norms())
+"""The kinds bnzoo ships; :func:`list_norms` also lists those registered later (by users, or by
+:mod:`bnzoo.experiments`)."""
