@@ -394,16 +394,22 @@ def _ours(judgement: Any, name: str) -> str:
     return f"{describe_side(name, judgement.a)} vs {describe_side(name, judgement.b)}"
 
 
-def _suite_line(results_dir: Path) -> str:
+def _suite_line(results_dir: Path, pairs: list[tuple[Any, Any]]) -> str:
+    """Time and machine: the experiments' own wall times (summed), and the latest ``run`` invocation's load."""
+    total_min = sum(r.data["wall_s"] for _, r in pairs) / 60
+    starts = sorted(r.data["started"] for _, r in pairs if r.data.get("started"))
+    span = f" between {starts[0]} and {starts[-1]}" if starts else ""
+    head = f"The {len(pairs)} experiments took **{total_min:.1f} min** of wall time in all (started{span})."
     path = results_dir / "suite.json"
     if not path.is_file():
-        return "The suite's total time was not recorded (experiments were run one by one)."
+        return head + " They were run one by one; no suite record."
     suite = json.loads(path.read_text())
     machine, load = suite["machine"], suite["load_avg_1min"]
     kind = "quick mode, " if suite.get("quick") else ""
     failed = f" Failed: {', '.join(suite['failed'])}." if suite.get("failed") else ""
+    which = "the whole suite" if len(suite["experiments"]) == len(pairs) else ", ".join(suite["experiments"])
     return (
-        f"The whole suite ({kind}{len(suite['experiments'])} experiments) ran in **{suite['wall_s'] / 60:.1f} min** "
+        f"{head} The latest `bnzoo experiment run` ({kind}{which}) took {suite['wall_s'] / 60:.1f} min "
         f"(finished {suite['finished']}) on {machine['processor']}, {machine['cpus']} CPU cores, torch "
         f"{machine['torch']}, {suite['jobs']} experiment(s) at a time with {suite['threads'] or 'default'} "
         f"thread(s) each. The machine was shared with other work: 1-minute load average {load['mean']:.1f} on "
@@ -425,7 +431,7 @@ def write_report(results_dir: Path, out: Path, config_root: Path | None = None) 
         "`configs/experiments/`, trained on real data (Fashion-MNIST) on a CPU. A claim that does not reproduce "
         "at this scale is reported as such.",
         "",
-        _suite_line(results_dir),
+        _suite_line(results_dir, pairs),
         "",
     ]
     if any(r.data.get("quick") for _, r in pairs):
