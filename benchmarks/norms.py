@@ -104,9 +104,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="two small shapes, few rounds")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per shape (default 15)")
     args = parser.parse_args()
     shapes = [(16, 8, 8, 8), (64, 32)] if args.quick else SHAPES
-    rows = benchmark(shapes, args.device, rounds=3 if args.quick else 15)
+    rows = benchmark(shapes, args.device, rounds=3 if args.quick else args.rounds)
     print(f"Forward + backward, training mode, {args.device}: {machine_line()}")
     print(format_table(rows, ["shape", "bn ms", "renorm ms", "renorm / bn", "naive / bn"]))
     worst = max(float(r["renorm / bn"]) for r in rows)  # type: ignore[arg-type]

@@ -128,12 +128,20 @@ class ClassificationTask(L.LightningModule):
             )
         on_step = stage == "train"
         batch_size = target.shape[0]
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size,
-                 sync_dist=not on_step)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch_size,
+            sync_dist=not on_step,
+        )
         for name, metric in self.metrics[f"{stage}_"].items():
             metric(output.detach(), target)
-            self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=name == "acc",
-                     batch_size=batch_size)
+            self.log(
+                f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=name == "acc", batch_size=batch_size
+            )
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -146,7 +154,9 @@ class ClassificationTask(L.LightningModule):
         self._shared_step(batch, "test")
 
     @torch.no_grad()
-    def evaluate(self, dataloaders: Any, max_batches: int | float | list[int | float] | None = None) -> dict[str, float]:
+    def evaluate(
+        self, dataloaders: Any, max_batches: int | float | list[int | float] | None = None
+    ) -> dict[str, float]:
         """Loss and top-1 accuracy over ``dataloaders`` (a loader or a list of them) in eval mode, summed over
         processes under DDP; the training/eval modes are restored afterwards. Used by callbacks that compare the
         model before and after a change outside the validation loop (e.g. recalibration). ``max_batches`` (one
@@ -244,9 +254,7 @@ class SequenceClassifier(ClassificationTask):
         **kwargs: the arguments of :class:`ClassificationTask`.
     """
 
-    def __init__(
-        self, *, model: str = "ds2_gru", input_size: int = 28, max_length: int = 28, **kwargs: Any
-    ) -> None:
+    def __init__(self, *, model: str = "ds2_gru", input_size: int = 28, max_length: int = 28, **kwargs: Any) -> None:
         self._inputs = {"input_size": input_size}
         super().__init__(model=model, **kwargs)
         self.example_input_array = (torch.zeros(2, max_length, input_size), torch.full((2,), max_length))

@@ -20,10 +20,22 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from bnzoo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "trainer" not in p.parts and "experiments" not in p.parts)
+CONFIGS = sorted(
+    p for p in (ROOT / "configs").rglob("*.yaml") if "trainer" not in p.parts and "experiments" not in p.parts
+)
 PRESETS = sorted((ROOT / "configs" / "trainer").glob("*.yaml"))
-QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
-         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+QUICK = [
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "3",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +56,9 @@ def run_cli(*args: str) -> str:
 
 def run_subprocess(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "bnzoo.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "bnzoo.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -59,8 +72,16 @@ def test_every_config_prints_and_round_trips(config: Path, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_trainer_presets_compose_with_model_configs(preset: Path) -> None:
-    printed = yaml.safe_load(run_cli("fit", "--config", str(ROOT / "configs/fashion_mnist/resnet.yaml"),
-                                     "--config", str(preset), "--print_config"))
+    printed = yaml.safe_load(
+        run_cli(
+            "fit",
+            "--config",
+            str(ROOT / "configs/fashion_mnist/resnet.yaml"),
+            "--config",
+            str(preset),
+            "--print_config",
+        )
+    )
     expected = yaml.safe_load(preset.read_text())["trainer"]
     for key, value in expected.items():
         if key != "plugins":
@@ -84,8 +105,15 @@ FAMILIES = [
 
 @pytest.mark.parametrize(("config", "extra"), FAMILIES, ids=[f for f, _ in FAMILIES])
 def test_fit_every_family_end_to_end(config: str, extra: list[str], tmp_path: Path) -> None:
-    printed = run_cli("fit", "--config", str(ROOT / "configs" / config), *QUICK, *extra,
-                      "--trainer.callbacks.init_args.num_batches", "2")
+    printed = run_cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs" / config),
+        *QUICK,
+        *extra,
+        "--trainer.callbacks.init_args.num_batches",
+        "2",
+    )
     assert "best checkpoint: runs/" in printed and "tensorboard --logdir runs" in printed
     last = next(tmp_path.glob("runs/*/checkpoints/last.ckpt"))
     checkpoint = torch.load(last, weights_only=True)  # plain hyperparameters: loads without pickled code
@@ -94,15 +122,33 @@ def test_fit_every_family_end_to_end(config: str, extra: list[str], tmp_path: Pa
 
 
 def test_tensorboard_holds_scalars_hparams_with_final_metrics_and_graph(tmp_path: Path) -> None:
-    run_cli("fit", "--config", str(ROOT / "configs/digits/resnet.yaml"), *QUICK,
-            "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
-            "--trainer.callbacks.init_args.num_batches", "2")
+    run_cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs/digits/resnet.yaml"),
+        *QUICK,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.callbacks.init_args.num_batches",
+        "2",
+    )
     (version,) = tmp_path.glob("runs/digits-resnet20-bn/version_*")
     events = EventAccumulator(str(version))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    for tag in ("train/loss_step", "train/acc_step", "train/loss_epoch", "val/loss", "val/acc", "val/acc_top5",
-                "hp/val_acc", "recalibrate/val_acc_before", "recalibrate/val_acc_after"):
+    for tag in (
+        "train/loss_step",
+        "train/acc_step",
+        "train/loss_epoch",
+        "val/loss",
+        "val/acc",
+        "val/acc_top5",
+        "hp/val_acc",
+        "recalibrate/val_acc_before",
+        "recalibrate/val_acc_after",
+    ):
         assert tag in scalars, (tag, sorted(scalars))
     assert any(tag.startswith("lr-SGD") for tag in scalars)
     final_val_acc = events.Scalars("val/acc")[-1].value
@@ -127,9 +173,17 @@ class StopAfterEpochs(Callback):
 
 
 def test_stopped_run_resumes_to_the_same_result(tmp_path: Path) -> None:
-    common = ["--config", str(ROOT / "configs/digits/mlp.yaml"), "--trainer.max_epochs", "4",
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--trainer.logger.init_args.save_dir"]
+    common = [
+        "--config",
+        str(ROOT / "configs/digits/mlp.yaml"),
+        "--trainer.max_epochs",
+        "4",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+    ]
     run_cli("fit", *common, "whole")
     run_cli("fit", *common, "split", "--trainer.callbacks+=tests.test_cli.StopAfterEpochs")
     stopped = torch.load(tmp_path / "split/digits-mlp-bn/checkpoints/last.ckpt", weights_only=True)
@@ -142,7 +196,9 @@ def test_stopped_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     for key, value in whole["state_dict"].items():
         torch.testing.assert_close(split["state_dict"][key], value, msg=key)
     for key in ("val/acc", "val/loss"):
-        assert split["callbacks"] and _metric(tmp_path / "split", key) == pytest.approx(_metric(tmp_path / "whole", key))
+        assert split["callbacks"] and _metric(tmp_path / "split", key) == pytest.approx(
+            _metric(tmp_path / "whole", key)
+        )
 
 
 def _metric(save_dir: Path, tag: str) -> float:
@@ -161,6 +217,23 @@ def test_test_and_predict_from_a_checkpoint(tmp_path: Path) -> None:
     run_cli("predict", *config, "--trainer.enable_progress_bar", "false", "--ckpt_path", last)
 
 
+def test_optimizer_and_scheduler_from_the_command_line_replace_the_defaults(tmp_path: Path) -> None:
+    config = ["--config", str(ROOT / "configs/digits/mlp.yaml"), *QUICK]
+    run_cli("fit", *config)  # the task's default: SGD with momentum, warm-up + cosine per step (LambdaLR)
+    default = torch.load(next(tmp_path.glob("runs/*/checkpoints/last.ckpt")), weights_only=True)
+    assert "momentum_buffer" in next(iter(default["optimizer_states"][0]["state"].values()))
+    assert "lr_lambdas" in default["lr_schedulers"][0]
+    for path in tmp_path.glob("runs/*/checkpoints/*.ckpt"):
+        path.unlink()
+    injected = ["--optimizer", "AdamW", "--optimizer.lr", "0.003", "--lr_scheduler", "StepLR"]
+    run_cli("fit", *config, *injected, "--lr_scheduler.step_size", "1", "--lr_scheduler.gamma", "0.5")
+    checkpoint = torch.load(next(tmp_path.glob("runs/*/checkpoints/last.ckpt")), weights_only=True)
+    group = checkpoint["optimizer_states"][0]["param_groups"][0]
+    assert "exp_avg" in next(iter(checkpoint["optimizer_states"][0]["state"].values()))  # AdamW's state
+    assert group["initial_lr"] == 0.003 and group["lr"] == pytest.approx(0.003 * 0.5)  # one epoch of StepLR
+    assert checkpoint["lr_schedulers"][0]["step_size"] == 1
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -171,17 +244,31 @@ def test_test_and_predict_from_a_checkpoint(tmp_path: Path) -> None:
     ],
 )
 def test_bad_config_fails_with_a_message_not_a_traceback(override: list[str], message: str) -> None:
-    result = run_subprocess("fit", "--config", str(ROOT / "configs/digits/mlp.yaml"), *override, "--print_config"
-                            if override[0].endswith("lr") else "--trainer.fast_dev_run", "true")
+    result = run_subprocess(
+        "fit",
+        "--config",
+        str(ROOT / "configs/digits/mlp.yaml"),
+        *override,
+        "--print_config" if override[0].endswith("lr") else "--trainer.fast_dev_run",
+        "true",
+    )
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
 def test_missing_data_names_the_path_and_the_remedy(tmp_path: Path) -> None:
-    result = run_subprocess("fit", "--config", str(ROOT / "configs/cifar10/resnet.yaml"), "--data.init_args.download",
-                            "false", "--data.init_args.data_dir", str(tmp_path / "nowhere"),
-                            "--trainer.fast_dev_run", "true")
+    result = run_subprocess(
+        "fit",
+        "--config",
+        str(ROOT / "configs/cifar10/resnet.yaml"),
+        "--data.init_args.download",
+        "false",
+        "--data.init_args.data_dir",
+        str(tmp_path / "nowhere"),
+        "--trainer.fast_dev_run",
+        "true",
+    )
     assert result.returncode != 0
     assert str(tmp_path / "nowhere") in result.stderr and "download" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -211,8 +298,15 @@ def test_recalibrate_command_names_both_architectures_on_a_mismatch(tmp_path: Pa
 def test_a_checkpoint_of_another_model_or_norm_is_refused_naming_both(tmp_path: Path) -> None:
     run_cli("fit", "--config", str(ROOT / "configs/digits/mlp.yaml"), *QUICK, "--trainer.callbacks", "[]")
     last = str(next(tmp_path.glob("runs/*/checkpoints/last.ckpt")))
-    result = run_subprocess("test", "--config", str(ROOT / "configs/digits/mlp.yaml"), "--model.init_args.norm",
-                            "renorm", "--ckpt_path", last)
+    result = run_subprocess(
+        "test",
+        "--config",
+        str(ROOT / "configs/digits/mlp.yaml"),
+        "--model.init_args.norm",
+        "renorm",
+        "--ckpt_path",
+        last,
+    )
     assert result.returncode == 2
     assert "holds a 'mlp' with norm 'bn', but the config builds a 'mlp' with norm 'renorm'" in result.stderr
     assert "Traceback" not in result.stderr

@@ -22,8 +22,12 @@ from tests.distributed import run_in_processes
 def small_net(kind: str = "bn") -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(5, 6), make_norm(kind, 6, "1d", momentum=0.1), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(6, 4), make_norm(kind, 4, "1d", momentum=0.1),
+        nn.Linear(5, 6),
+        make_norm(kind, 6, "1d", momentum=0.1),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(6, 4),
+        make_norm(kind, 4, "1d", momentum=0.1),
     )
 
 
@@ -85,7 +89,9 @@ def test_renorm_inference_uses_the_recalibrated_variance() -> None:
     layer.eval()
     x = torch.randn(5, 3)
     expected = (x.double() - every.mean(0)) / (every.var(0) + layer.eps).sqrt() * layer.weight.double()
-    torch.testing.assert_close(layer(x).double(), expected.detach() + layer.bias.double().detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        layer(x).double(), expected.detach() + layer.bias.double().detach(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_sequence_norm_statistics_use_valid_steps_only() -> None:
@@ -157,7 +163,11 @@ def test_stale_statistics_are_fixed_by_recalibration() -> None:
     data.setup("fit")
     torch.manual_seed(0)
     net = nn.Sequential(
-        Affine(1.0, 10.0), nn.Flatten(), nn.Linear(64, 64), make_norm("bn", 64, "1d", momentum=0.001), nn.ReLU(),
+        Affine(1.0, 10.0),
+        nn.Flatten(),
+        nn.Linear(64, 64),
+        make_norm("bn", 64, "1d", momentum=0.001),
+        nn.ReLU(),
         nn.Linear(64, 10),
     )
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
@@ -208,12 +218,19 @@ BATCH = 431
 def _fit(tmp_path: Path, callbacks: list[Callback], max_epochs: int = 4) -> tuple[ImageClassifier, LastCheckpoint]:
     L.seed_everything(0)
     data = DigitsDataModule(batch_size=BATCH, seed=0)
-    model = ImageClassifier(model="mlp", norm="bn", model_options={"hidden": [16]}, num_classes=10, in_chans=1,
-                            image_size=8, lr=0.05)
+    model = ImageClassifier(
+        model="mlp", norm="bn", model_options={"hidden": [16]}, num_classes=10, in_chans=1, image_size=8, lr=0.05
+    )
     checkpoint = LastCheckpoint(dirpath=str(tmp_path))
     best = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
-    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[*callbacks, best, checkpoint])
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, best, checkpoint],
+    )
     trainer.fit(model, data)
     return model, checkpoint
 

@@ -54,7 +54,13 @@ def drifting_batches(steps: int, shape: tuple[int, ...], seed: int = 0) -> list[
 
 
 @pytest.mark.parametrize(
-    ("cls", "shape"), [(BatchRenorm1d, (16, 6)), (BatchRenorm1d, (8, 6, 5)), (BatchRenorm2d, (8, 6, 4, 3)), (BatchRenorm3d, (4, 6, 2, 3, 2))]
+    ("cls", "shape"),
+    [
+        (BatchRenorm1d, (16, 6)),
+        (BatchRenorm1d, (8, 6, 5)),
+        (BatchRenorm2d, (8, 6, 4, 3)),
+        (BatchRenorm3d, (4, 6, 2, 3, 2)),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_training_matches_algorithm_1(cls: type, shape: tuple[int, ...], dtype: torch.dtype) -> None:

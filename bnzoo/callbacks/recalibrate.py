@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..norms.sequence import SequenceNorm, sequence_mask
-from .checkpoints import LastCheckpoint
 from ..norms.sync import all_reduce_sum
+from .checkpoints import LastCheckpoint
 
 __all__ = ["RecalibrateNormStats", "recalibrate_norm_stats", "stat_norm_layers"]
 
@@ -169,8 +169,9 @@ class RecalibrateNormStats(Callback):
     The recalibration runs after the last training step, *before* the final validation and checkpoint: the
     final validation metrics, the choice of the best checkpoint and ``last.ckpt`` (of :class:`LastCheckpoint`)
     all see the recalibrated statistics. (If training stops early -- early stopping, ``max_time`` -- it runs in
-    ``on_train_end`` and the latest checkpoint is written again.) The validation accuracy and loss just before and after recalibrating are
-    logged as ``recalibrate/val_acc_before``, ``recalibrate/val_acc_after`` (and ``..._loss_...``).
+    ``on_train_end`` and the latest checkpoint is written again.) The validation accuracy and loss just before
+    and after recalibrating are logged as ``recalibrate/val_acc_before``, ``recalibrate/val_acc_after`` (and
+    ``..._loss_...``).
 
     Args:
         num_batches: training batches to estimate from.
@@ -181,7 +182,11 @@ class RecalibrateNormStats(Callback):
     """
 
     def __init__(
-        self, num_batches: int = 100, population: bool = False, before_validation: bool = False, log_metrics: bool = True
+        self,
+        num_batches: int = 100,
+        population: bool = False,
+        before_validation: bool = False,
+        log_metrics: bool = True,
     ) -> None:
         if num_batches < 1:
             raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")

@@ -95,7 +95,9 @@ class RenormSchedule(Callback):
     def bounds(self, step: int) -> tuple[float, float]:
         return renorm_bounds(step, *self._steps, self.r_max, self.d_max)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         r_max, d_max = self.bounds(trainer.global_step)
         record = self.log_clipping and trainer.global_step % max(1, trainer.log_every_n_steps) == 0
         self._recording = (trainer.global_step, r_max, d_max) if record else None
@@ -128,4 +130,3 @@ class RenormSchedule(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._steps = tuple(state_dict.get("steps", self._steps))  # type: ignore[assignment]
-
