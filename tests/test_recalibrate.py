@@ -107,6 +107,75 @@ def test_sequence_norm_statistics_use_valid_steps_only() -> None:
     torch.testing.assert_close(layer.running_var.double(), valid.var(0), rtol=1e-5, atol=1e-5)
 
 
+def test_renorm_keeps_its_trained_reference_statistics_while_recalibrating() -> None:
+    """In training mode renorm's output depends on its running statistics through r and d (Ioffe 2017, Alg. 1):
+    recalibration must run every batch with the statistics it was trained with, not drift them batch by batch."""
+    net = small_net("renorm")
+    first = net[1]
+    with torch.no_grad():
+        first.running_mean.copy_(torch.linspace(-2, 2, 6))
+        first.running_var.copy_(torch.linspace(0.5, 30, 6))
+    trained_mean, trained_std = first.running_mean.double().clone(), (first.running_var.double() + first.eps).sqrt()
+    data = batches(4)
+    recalibrate_norm_stats(net, data, forward(net), num_batches=4)
+    m = data[0].shape[0]
+    h2s = []
+    for x in data:
+        h1 = x.double() @ net[0].weight.double().T + net[0].bias.double()
+        mu, sigma = h1.mean(0), (h1.var(0, unbiased=False) + first.eps).sqrt()
+        r = (sigma / trained_std).clamp(1 / first.r_max, first.r_max)
+        d = ((mu - trained_mean) / trained_std).clamp(-first.d_max, first.d_max)
+        y = ((h1 - mu) / sigma * r + d) * first.weight.double() + first.bias.double()
+        h2s.append(y.clamp_min(0) @ net[4].weight.double().T + net[4].bias.double())
+    mean = torch.stack([h.mean(0) for h in h2s]).mean(0)
+    var = m / (m - 1) * torch.stack([h.var(0, unbiased=False) for h in h2s]).mean(0)
+    torch.testing.assert_close(net[5].running_mean.double(), mean.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net[5].running_var.double(), var.detach(), rtol=1e-5, atol=1e-5)
+
+
+class _NoUpdateBatchNorm(nn.BatchNorm1d):
+    """A BatchNorm whose training forward never touches its running statistics (a custom update rule)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [make_norm("bn", 3, "1d"), make_norm("renorm", 3, "1d"), make_norm("bn", 3, "seq"), _NoUpdateBatchNorm(3)],
+    ids=["bn", "renorm", "sequence bn", "custom update rule"],
+)
+def test_every_kind_of_update_rule_gives_algorithm_2(layer: nn.Module) -> None:
+    """The moments are read from the layer's own update where it keeps the batch's moments (BatchNorm: unbiased
+    variance; renorm: biased) and measured where it does not -- the result is Alg. 2 either way."""
+    g = torch.Generator().manual_seed(1)
+    sizes = [9, 9, 9, 9]
+    if isinstance(layer, nn.BatchNorm1d) and "Sequence" in type(layer).__name__:
+        data = [(torch.randn(3, 5, 3, generator=g) * 2 + 1, torch.tensor([5, 3, 1])) for _ in sizes]
+        run = lambda b: layer(b[0], lengths=b[1])  # noqa: E731
+        rows = [x[torch.arange(5)[None] < lengths[:, None]].double() for x, lengths in data]
+    else:
+        data = [torch.randn(n, 3, generator=g) * 2 + 1 for n in sizes]
+        run, rows = layer, [x.double() for x in data]
+    recalibrate_norm_stats(layer, data, run, num_batches=len(data))
+    mean = torch.stack([r.mean(0) for r in rows]).mean(0)
+    var = torch.stack([r.var(0, unbiased=True) for r in rows]).mean(0)  # m/(m-1) * biased, m per batch
+    torch.testing.assert_close(layer.running_mean.double(), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.running_var.double(), var, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_sequences_are_recalibrated_over_their_data() -> None:
+    layer = make_norm("bn", 3, "seq")
+    g = torch.Generator().manual_seed(2)
+    padded = [torch.randn(3, 5, 3, generator=g) * 2 + 1 for _ in range(3)]
+    lengths = torch.tensor([5, 3, 2])
+    packed = [nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True) for x in padded]
+    recalibrate_norm_stats(layer, packed, layer, num_batches=3, population=True)
+    every = torch.cat([p.data for p in packed]).double()
+    torch.testing.assert_close(layer.running_mean.double(), every.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.running_var.double(), every.var(0), rtol=1e-5, atol=1e-5)
+
+
 def test_parameters_modes_and_counters_are_left_alone() -> None:
     net = small_net()
     net.train()

@@ -33,7 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
 from ..norms import FrozenBatchNorm, batch_renorm_corrections
-from .recalibrate import _normalized_rows
+from .recalibrate import normalized_rows
 from .renorm_schedule import renorm_layers
 
 __all__ = [
@@ -316,7 +316,7 @@ class NormStatistics(Callback):
         def record(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if name in self._pending and layer.training:
                 self._pending.discard(name)
-                self._corrections[name] = renorm_correction_stats(layer, _normalized_rows(layer, args, kwargs))
+                self._corrections[name] = renorm_correction_stats(layer, normalized_rows(layer, args, kwargs))
 
         return record
 

@@ -25,12 +25,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.rnn import PackedSequence
 
 from ..norms.sequence import SequenceNorm, sequence_mask
 from ..norms.sync import all_reduce_sum
 from .checkpoints import LastCheckpoint
 
-__all__ = ["RecalibrateNormStats", "recalibrate_norm_stats", "stat_norm_layers"]
+__all__ = ["MomentSums", "RecalibrateNormStats", "normalized_rows", "recalibrate_norm_stats", "stat_norm_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,11 @@ def stat_norm_layers(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
-def _normalized_rows(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+def normalized_rows(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     """What ``layer`` computes its batch statistics over: (N, C, *) input, or a sequence's valid (M, C) rows."""
     x = args[0]
+    if isinstance(x, PackedSequence):
+        return x.data
     if isinstance(layer, SequenceNorm):
         lengths = kwargs.get("lengths", args[1] if len(args) > 1 else None)
         mask = sequence_mask(x.shape[0], x.shape[1], lengths, kwargs.get("mask"), x.device)
@@ -50,7 +53,19 @@ def _normalized_rows(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     return x
 
 
-class _MomentAccumulator:
+def _row_count(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | Tensor:
+    """How many rows (samples x positions) :func:`normalized_rows` would give, without gathering them."""
+    x = args[0]
+    if isinstance(x, PackedSequence):
+        return x.data.shape[0]
+    if isinstance(layer, SequenceNorm):
+        lengths = kwargs.get("lengths", args[1] if len(args) > 1 else None)
+        mask = sequence_mask(x.shape[0], x.shape[1], lengths, kwargs.get("mask"), x.device)
+        return x.shape[0] * x.shape[1] if mask is None else mask.sum()
+    return x.numel() // x.shape[1]
+
+
+class MomentSums:
     """Per-channel sums over batches, in float64, for Alg. 2 and for the population estimate.
 
     Rows of ``sums`` (6, C): sum of batch means; sum of unbiased batch variances; number of batches; number of
@@ -64,18 +79,31 @@ class _MomentAccumulator:
         self.sums = torch.zeros(self.ROWS, layer.num_features, dtype=torch.float64, device=layer.running_mean.device)
 
     def add(self, rows: Tensor) -> None:
+        """Add the batch of (N, C, *) ``rows``, measuring its moments."""
         x = rows.detach()
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # native one-pass, biased variance
-        n = x.numel() // x.shape[1]
-        mean, var = mean.double(), var.double()
-        self.sums[0] += mean
-        self.sums[1] += var * (n / max(n - 1, 1))
-        self.sums[2] += 1.0
-        self.sums[3] += n
-        self.sums[4] += n * mean
-        self.sums[5] += n * (var + mean.square())
+        self.add_moments(mean, var, x.numel() // x.shape[1])
+
+    def add_moments(self, mean: Tensor, biased_var: Tensor, count: int | Tensor | list[int | Tensor]) -> None:
+        """Add batches given their per-channel means and biased variances: (C,) and a count for one batch, or
+        (B, C) and B counts for B batches."""
+        mean, var = mean.double(), biased_var.double()
+        if mean.dim() == 1:
+            mean, var, count = mean[None], var[None], [count]
+        if isinstance(count, list):
+            count = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=self.sums.device) for c in count])
+        n = count.to(device=self.sums.device, dtype=torch.float64).reshape(-1, 1)
+        rows = (
+            mean,
+            var * (n / (n - 1).clamp_min(1.0)),
+            torch.ones_like(mean),
+            n.expand_as(mean),
+            n * mean,
+            n * (var + mean.square()),
+        )
+        self.sums += torch.stack(rows).sum(1)
 
     @staticmethod
     def estimate(sums: Tensor, population: bool) -> tuple[Tensor, Tensor]:
@@ -86,6 +114,79 @@ class _MomentAccumulator:
             biased = (sums[5] / count - mean.square()).clamp_min(0.0)
             return mean, biased * (count / (count - 1).clamp_min(1.0))
         return sums[0] / sums[2], sums[1] / sums[2]
+
+
+class _LayerMoments:
+    """One layer's batch moments, read from the layer's own training forward instead of a second pass.
+
+    With ``momentum = 1`` a norm layer's update leaves the batch's moments in its running buffers (BatchNorm:
+    the mean and the unbiased variance; Batch Renorm: the mean and ``sigma_B^2 - eps``, the biased variance).
+    Before each call the layer gets copies of its trained buffers -- so it normalizes exactly as in training,
+    Batch Renorm's ``r`` and ``d`` included -- and after it the copies, now holding the batch's moments, are
+    kept and the trained buffers put back. On the first call the moments are also measured directly, which tells
+    which variance the buffer holds; a layer whose buffers match neither (a custom update rule, a layer
+    synchronized across processes) is measured on every call instead.
+    """
+
+    def __init__(self, layer: _BatchNorm) -> None:
+        self.layer = layer
+        self.reading: str | None = None  # "unbiased" | "biased" | "measured", decided on the first call
+        self._trained = (layer.running_mean, layer.running_var)
+        self._measured: tuple[Tensor, Tensor] | None = None
+        self._means: list[Tensor] = []
+        self._variances: list[Tensor] = []
+        self._counts: list[int | Tensor] = []
+
+    def before(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        layer.running_mean, layer.running_var = self._trained[0].clone(), self._trained[1].clone()
+        if self.reading in (None, "measured"):
+            rows = normalized_rows(layer, args, kwargs).detach()
+            rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
+            self._measured = torch.batch_norm_update_stats(rows, None, None, 0.0)  # mean, biased variance
+            self._counts.append(rows.numel() // rows.shape[1])
+        else:
+            self._counts.append(_row_count(layer, args, kwargs))
+
+    def after(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        mean, var = layer.running_mean, layer.running_var
+        self.restore()
+        if self.reading is None:
+            self.reading = self._identify(mean, var)
+        if self.reading == "measured":
+            assert self._measured is not None
+            mean, var = self._measured
+        self._means.append(mean)
+        self._variances.append(var)
+        self._measured = None
+
+    def restore(self) -> None:
+        """Put the trained buffers (the same tensors) back."""
+        self.layer.running_mean, self.layer.running_var = self._trained
+
+    def sums(self) -> Tensor:
+        """The :class:`MomentSums` rows of every call so far."""
+        sums = MomentSums(self.layer)
+        if self._means:
+            mean, var = torch.stack(self._means).double(), torch.stack(self._variances).double()
+            count = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=mean.device) for c in self._counts])
+            if self.reading == "unbiased":
+                var = var * ((count - 1).clamp_min(1.0) / count).unsqueeze(1)
+            sums.add_moments(mean, var, count)
+        return sums.sums
+
+    def _identify(self, mean: Tensor, var: Tensor) -> str:
+        assert self._measured is not None
+        true_mean, biased = self._measured
+        n = self._counts[-1]
+        unbiased = biased * (n / max(n - 1, 1))
+        scale = float(biased.abs().max()) + self.layer.eps
+        if not torch.allclose(mean.float(), true_mean.float(), rtol=1e-4, atol=1e-4 * scale**0.5):
+            return "measured"
+        errors = {
+            k: float((var.float() - v.float()).abs().max()) for k, v in (("unbiased", unbiased), ("biased", biased))
+        }
+        best = min(errors, key=errors.__getitem__)
+        return best if errors[best] <= 1e-4 * scale else "measured"
 
 
 @contextmanager
@@ -129,15 +230,17 @@ def recalibrate_norm_stats(
     if not layers:
         rank_zero_info("RecalibrateNormStats: the model has no norm layer with running statistics; nothing to do.")
         return 0
-    accumulators = {layer: _MomentAccumulator(layer) for layer in layers}
-
-    def hook(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        accumulators[layer].add(_normalized_rows(layer, args, kwargs))  # type: ignore[index]
-
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    readers = [_LayerMoments(layer) for layer in layers]
+    handles = []
+    for reader in readers:
+        handles.append(reader.layer.register_forward_pre_hook(reader.before, with_kwargs=True))
+        handles.append(reader.layer.register_forward_hook(reader.after, with_kwargs=True))
+    momenta = {layer: layer.momentum for layer in layers}
     used = 0
     try:
         with _norm_layers_in_training_mode(model, layers):
+            for layer in layers:
+                layer.momentum = 1.0  # the update then leaves the batch's moments in the buffers
             for batch in batches:
                 if used >= num_batches:
                     break
@@ -146,6 +249,10 @@ def recalibrate_norm_stats(
     finally:
         for handle in handles:
             handle.remove()
+        for reader in readers:
+            reader.restore()
+        for layer, momentum in momenta.items():
+            layer.momentum = momentum
     if used < num_batches:
         warnings.warn(
             f"RecalibrateNormStats asked for {num_batches} batches but the data loader yielded only {used}",
@@ -154,10 +261,10 @@ def recalibrate_norm_stats(
     if used == 0:
         return 0
     # one all-reduce for every layer's sums
-    packed = all_reduce_sum(torch.cat([accumulators[layer].sums for layer in layers], dim=1), process_group)
+    packed = all_reduce_sum(torch.cat([reader.sums() for reader in readers], dim=1), process_group)
     reduced = packed.split([layer.num_features for layer in layers], dim=1)
     for layer, sums in zip(layers, reduced, strict=True):
-        mean, var = _MomentAccumulator.estimate(sums, population)
+        mean, var = MomentSums.estimate(sums, population)
         layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
         layer.running_var.copy_(var.to(layer.running_var.dtype))
     return used

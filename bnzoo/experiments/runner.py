@@ -31,7 +31,7 @@ import yaml
 from torch import Tensor, nn
 
 from bnzoo.callbacks import ActivationPercentiles, LandscapeProbe, NormStatistics, recalibrate_norm_stats
-from bnzoo.callbacks.recalibrate import _MomentAccumulator, _normalized_rows, stat_norm_layers
+from bnzoo.callbacks.recalibrate import MomentSums, normalized_rows, stat_norm_layers
 from bnzoo.cli import BnzooCLI
 
 from .recorder import MetricsRecorder
@@ -99,10 +99,10 @@ def variance_shift(model: nn.Module, loader: Any, forward: Any, max_batches: int
     over channels per layer and ``"mean"`` over layers.
     """
     layers = stat_norm_layers(model)
-    accumulators = {layer: _MomentAccumulator(layer) for layer in layers}
+    accumulators = {layer: MomentSums(layer) for layer in layers}
     handles = [
         layer.register_forward_pre_hook(
-            lambda m, args, kwargs: accumulators[m].add(_normalized_rows(m, args, kwargs)), with_kwargs=True
+            lambda m, args, kwargs: accumulators[m].add(normalized_rows(m, args, kwargs)), with_kwargs=True
         )
         for layer in layers
     ]
@@ -121,7 +121,7 @@ def variance_shift(model: nn.Module, loader: Any, forward: Any, max_batches: int
     names = {m: n for n, m in model.named_modules()}
     ratios = {}
     for layer, accumulator in accumulators.items():
-        _, var = _MomentAccumulator.estimate(accumulator.sums, population=True)
+        _, var = MomentSums.estimate(accumulator.sums, population=True)
         ratios[names[layer].removeprefix("model.")] = float((layer.running_var.double() / var.clamp_min(1e-12)).mean())
     if ratios:
         ratios["mean"] = sum(ratios.values()) / len(ratios)
