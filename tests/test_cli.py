@@ -141,6 +141,8 @@ def test_tensorboard_holds_scalars_hparams_with_final_metrics_and_graph(tmp_path
     for tag in (
         "train/loss_step",
         "train/acc_step",
+        "train/acc_epoch",
+        "train/acc_top5_step",
         "train/loss_epoch",
         "val/loss",
         "val/acc",

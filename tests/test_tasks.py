@@ -101,3 +101,25 @@ def test_learning_rate_schedule(kind: str, step: int, expected: float) -> None:
 def test_unknown_schedule_is_named() -> None:
     with pytest.raises(ValueError, match="unknown schedule 'linear'; valid schedules: cosine, step, constant"):
         ImageClassifier(schedule="linear")
+
+
+def test_training_accuracy_counts_agree_with_torchmetrics() -> None:
+    """Training accuracy is counted with one topk per step (no torchmetrics update per step): the epoch's
+    counts must equal torchmetrics' top-1 and top-5 accuracy over the same outputs."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    torch.manual_seed(0)
+    task = ImageClassifier(model="mlp", num_classes=10, in_chans=1, image_size=8, channels_last=False)
+    task.eval()  # fixed outputs: the counts are compared on the same logits
+    top1, top5 = MulticlassAccuracy(10, top_k=1, average="micro"), MulticlassAccuracy(10, top_k=5, average="micro")
+    for _ in range(4):
+        images, labels = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+        with torch.no_grad():
+            task.training_step((images, labels), 0)
+            logits = task(images)
+        top1.update(logits, labels)
+        top5.update(logits, labels)
+    hits1, hits5, seen = task._train_hits.tolist()
+    assert seen == 64
+    assert hits1 / seen == pytest.approx(float(top1.compute())) and hits5 / seen == pytest.approx(float(top5.compute()))
+    assert hits5 >= hits1
