@@ -57,9 +57,6 @@ def forward(net: nn.Module):
 def test_algorithm_2_against_an_independent_computation(kind: str) -> None:
     net = small_net(kind)
     data = batches(5)
-    if kind == "renorm":  # renorm normalizes with r, d in training: compare with r_max=1, d_max=0 (plain BN)
-        for m in (net[1], net[5]):
-            m.r_max, m.d_max = 1.0, 0.0
     used = recalibrate_norm_stats(net, data, forward(net), num_batches=5)
     assert used == 5
     m = data[0].shape[0]
@@ -107,30 +104,20 @@ def test_sequence_norm_statistics_use_valid_steps_only() -> None:
     torch.testing.assert_close(layer.running_var.double(), valid.var(0), rtol=1e-5, atol=1e-5)
 
 
-def test_renorm_keeps_its_trained_reference_statistics_while_recalibrating() -> None:
-    """In training mode renorm's output depends on its running statistics through r and d (Ioffe 2017, Alg. 1):
-    recalibration must run every batch with the statistics it was trained with, not drift them batch by batch."""
-    net = small_net("renorm")
-    first = net[1]
+def test_renorm_is_recalibrated_as_batchnorm_whatever_its_running_statistics() -> None:
+    """Renorm's r and d refer to the running statistics that recalibration replaces: it runs as BatchNorm (r = 1,
+    d = 0), so stale statistics do not leak into the next layer's estimate; its bounds are restored after."""
+    net, reference = small_net("renorm"), small_net("bn")
     with torch.no_grad():
-        first.running_mean.copy_(torch.linspace(-2, 2, 6))
-        first.running_var.copy_(torch.linspace(0.5, 30, 6))
-    trained_mean, trained_std = first.running_mean.double().clone(), (first.running_var.double() + first.eps).sqrt()
+        net[1].running_mean.copy_(torch.linspace(-2, 2, 6))  # far from the truth: would move r and d
+        net[1].running_var.copy_(torch.linspace(0.5, 30, 6))
     data = batches(4)
     recalibrate_norm_stats(net, data, forward(net), num_batches=4)
-    m = data[0].shape[0]
-    h2s = []
-    for x in data:
-        h1 = x.double() @ net[0].weight.double().T + net[0].bias.double()
-        mu, sigma = h1.mean(0), (h1.var(0, unbiased=False) + first.eps).sqrt()
-        r = (sigma / trained_std).clamp(1 / first.r_max, first.r_max)
-        d = ((mu - trained_mean) / trained_std).clamp(-first.d_max, first.d_max)
-        y = ((h1 - mu) / sigma * r + d) * first.weight.double() + first.bias.double()
-        h2s.append(y.clamp_min(0) @ net[4].weight.double().T + net[4].bias.double())
-    mean = torch.stack([h.mean(0) for h in h2s]).mean(0)
-    var = m / (m - 1) * torch.stack([h.var(0, unbiased=False) for h in h2s]).mean(0)
-    torch.testing.assert_close(net[5].running_mean.double(), mean.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(net[5].running_var.double(), var.detach(), rtol=1e-5, atol=1e-5)
+    recalibrate_norm_stats(reference, data, forward(reference), num_batches=4)
+    assert (net[1].r_max, net[1].d_max, net[5].r_max, net[5].d_max) == (3.0, 5.0, 3.0, 5.0)
+    for layer, expected in ((net[1], reference[1]), (net[5], reference[5])):
+        torch.testing.assert_close(layer.running_mean, expected.running_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.running_var, expected.running_var, rtol=1e-5, atol=1e-5)
 
 
 class _NoUpdateBatchNorm(nn.BatchNorm1d):

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.rnn import PackedSequence
 
+from ..norms.renorm import _BatchRenorm
 from ..norms.sequence import SequenceNorm, sequence_mask
 from ..norms.sync import all_reduce_sum
 from .checkpoints import LastCheckpoint
@@ -121,8 +122,8 @@ class _LayerMoments:
 
     With ``momentum = 1`` a norm layer's update leaves the batch's moments in its running buffers (BatchNorm:
     the mean and the unbiased variance; Batch Renorm: the mean and ``sigma_B^2 - eps``, the biased variance).
-    Before each call the layer gets copies of its trained buffers -- so it normalizes exactly as in training,
-    Batch Renorm's ``r`` and ``d`` included -- and after it the copies, now holding the batch's moments, are
+    Before each call the layer gets copies of its trained buffers -- so a layer whose training output depends on
+    them normalizes as in training -- and after it the copies, now holding the batch's moments, are
     kept and the trained buffers put back. On the first call the moments are also measured directly, which tells
     which variance the buffer holds; a layer whose buffers match neither (a custom update rule, a layer
     synchronized across processes) is measured on every call instead.
@@ -225,6 +226,12 @@ def recalibrate_norm_stats(
         num_batches: how many batches to use; fewer available gives a warning with the count.
         population: exact mean/variance over all samples instead of Alg. 2's mean of batch moments.
         process_group: all-reduce the sums over this group (None: the world, when distributed).
+
+    Batch Renorm layers run as BatchNorm (``r = 1, d = 0``) while statistics are collected, as Alg. 2 runs the
+    training network of BN: each layer then normalizes with its batch's own statistics -- close to the
+    recalibrated ones it will use at inference -- so the layers after it are measured on inputs like those they
+    will see. With renorm's ``r`` and ``d`` they would be measured as normalized by the *old* running statistics,
+    which recalibration replaces.
     """
     layers = stat_norm_layers(model)
     if not layers:
@@ -236,11 +243,14 @@ def recalibrate_norm_stats(
         handles.append(reader.layer.register_forward_pre_hook(reader.before, with_kwargs=True))
         handles.append(reader.layer.register_forward_hook(reader.after, with_kwargs=True))
     momenta = {layer: layer.momentum for layer in layers}
+    bounds = {layer: (layer.r_max, layer.d_max) for layer in layers if isinstance(layer, _BatchRenorm)}
     used = 0
     try:
         with _norm_layers_in_training_mode(model, layers):
             for layer in layers:
                 layer.momentum = 1.0  # the update then leaves the batch's moments in the buffers
+            for layer in bounds:  # renorm as BatchNorm (r = 1, d = 0): see the docstring
+                layer.r_max, layer.d_max = 1.0, 0.0
             for batch in batches:
                 if used >= num_batches:
                     break
@@ -253,6 +263,8 @@ def recalibrate_norm_stats(
             reader.restore()
         for layer, momentum in momenta.items():
             layer.momentum = momentum
+        for layer, (r_max, d_max) in bounds.items():
+            layer.r_max, layer.d_max = r_max, d_max
     if used < num_batches:
         warnings.warn(
             f"RecalibrateNormStats asked for {num_batches} batches but the data loader yielded only {used}",
