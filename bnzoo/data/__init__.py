@@ -23,7 +23,7 @@ from .cifar import CIFAR10DataModule, CIFAR100DataModule, CifarDataModule, load_
 from .digits import DigitsDataModule
 from .idx import read_idx
 from .mnist import FashionMNISTDataModule, IdxDataModule, MNISTDataModule
-from .registry import IMAGE_DATAMODULES, image_datamodule_class, list_datasets
+from .registry import IMAGE_DATAMODULES, image_data_like, image_datamodule_class, list_datasets
 from .samplers import SortaGradSampler
 from .sequence import SEQUENCE_MODES, SequenceCollate, SequenceDataModule, SequenceDataset
 from .transforms import ImageCollate, Normalize, random_crop_flip
@@ -49,6 +49,7 @@ __all__ = [
     "SequenceDataset",
     "SortaGradSampler",
     "channel_stats",
+    "image_data_like",
     "image_datamodule_class",
     "list_datasets",
     "load_cifar_batch",

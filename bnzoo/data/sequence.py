@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from .base import ImageDataset, InMemoryDataModule
-from .registry import image_datamodule_class
+from .registry import image_data_like, image_datamodule_class
 from .samplers import SortaGradSampler
 from .transforms import Normalize
 
@@ -121,17 +121,7 @@ class SequenceDataModule(InMemoryDataModule):
             data_dir, batch_size, num_workers, val_size, seed, train_subset, normalization, download
         )
         self.save_hyperparameters()
-        self.image_data = image_cls(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_size=val_size,
-            seed=seed,
-            train_subset=train_subset,
-            augment=False,
-            normalization=normalization,
-            download=download,
-        )
+        self.image_data = image_data_like(dataset, self)
         size, channels = image_cls.image_size, image_cls.in_chans
         self.num_classes: int = image_cls.num_classes
         self.pixels_per_step = 1 if mode == "pixel" else size

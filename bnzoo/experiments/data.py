@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from bnzoo.data import ImageCollate, InMemoryDataModule
-from bnzoo.data.registry import image_datamodule_class
+from bnzoo.data.registry import image_data_like, image_datamodule_class
 
 __all__ = [
     "ClassGroupedBatchSampler",
@@ -128,17 +128,7 @@ class WrappedImageDataModule(InMemoryDataModule):
     ) -> None:
         image_cls = image_datamodule_class(dataset)
         super().__init__(data_dir, batch_size, num_workers, val_size, seed, train_subset, normalization, download)
-        self.image_data = image_cls(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_size=val_size,
-            seed=seed,
-            train_subset=train_subset,
-            augment=False,
-            normalization=normalization,
-            download=download,
-        )
+        self.image_data = image_data_like(dataset, self)
         self.num_classes: int = image_cls.num_classes
         self.in_chans: int = image_cls.in_chans
         self.image_size: int = image_cls.image_size
