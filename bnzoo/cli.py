@@ -64,6 +64,7 @@ class BnzooCLI(LightningCLI):
                 "init_args": {"save_dir": "runs", "name": AUTO_NAME, "log_graph": True, "default_hp_metric": False},
             },
             "callbacks": [LearningRateMonitor(logging_interval="step")],  # persistent: in every run
+            "default_root_dir": "runs",  # without a logger too, nothing lands in the working directory
         }
         trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
         super().__init__(
@@ -115,10 +116,11 @@ class BnzooCLI(LightningCLI):
             check_model_config(**{k: model.get(k) for k in ("model", "norm", "norm_options", "model_options")})
         except ValueError as err:
             _exit_with_error(err)
+        self.run_name = run_name(config)
         logger = config.get("trainer", {}).get("logger")
         init_args = getattr(logger, "init_args", None)
         if init_args is not None and init_args.get("name") == AUTO_NAME:
-            init_args["name"] = run_name(config)
+            init_args["name"] = self.run_name
 
     def instantiate_classes(self) -> None:
         try:
@@ -130,7 +132,7 @@ class BnzooCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        _place_checkpoints_in_run_folder(trainer)
+        _place_checkpoints_in_run_folder(trainer, getattr(self, "run_name", "run"))
         return trainer
 
     def after_fit(self) -> None:
@@ -183,13 +185,16 @@ def run_name(config: Any) -> str:
     return f"{dataset}-{model.get('model', 'model')}-{model.get('norm', 'norm')}"
 
 
-def _place_checkpoints_in_run_folder(trainer: L.Trainer) -> None:
+def _place_checkpoints_in_run_folder(trainer: L.Trainer, name: str) -> None:
     """Point checkpoint callbacks without a folder at ``<save_dir>/<name>/checkpoints`` of the logger: one folder
-    for every version of the run, so ``--ckpt_path last`` finds the previous version's."""
+    for every version of the run, so ``--ckpt_path last`` finds the previous version's. Without a logger:
+    ``<default_root_dir>/<name>/checkpoints`` (``runs/...`` by default), never the working directory's
+    ``checkpoints/`` -- in this repository, the pretrained zoo."""
     logger = trainer.logger
-    if logger is None or logger.save_dir is None:
-        return
-    folder = os.path.join(logger.save_dir, str(logger.name or ""), "checkpoints")
+    if logger is not None and logger.save_dir is not None:
+        folder = os.path.join(logger.save_dir, str(logger.name or ""), "checkpoints")
+    else:
+        folder = os.path.join(trainer.default_root_dir, name, "checkpoints")
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = folder

@@ -219,6 +219,13 @@ def test_test_and_predict_from_a_checkpoint(tmp_path: Path) -> None:
     run_cli("predict", *config, "--trainer.enable_progress_bar", "false", "--ckpt_path", last)
 
 
+def test_without_a_logger_nothing_lands_in_the_working_directory(tmp_path: Path) -> None:
+    printed = run_cli("fit", "--config", str(ROOT / "configs/digits/mlp.yaml"), *QUICK, "--trainer.logger", "false")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no ./checkpoints, no ./config.yaml
+    assert (tmp_path / "runs/digits-mlp-bn/checkpoints/last.ckpt").is_file()
+    assert "last checkpoint: runs/digits-mlp-bn/checkpoints/last.ckpt" in printed
+
+
 def test_optimizer_and_scheduler_from_the_command_line_replace_the_defaults(tmp_path: Path) -> None:
     config = ["--config", str(ROOT / "configs/digits/mlp.yaml"), *QUICK]
     run_cli("fit", *config)  # the task's default: SGD with momentum, warm-up + cosine per step (LambdaLR)
