@@ -42,14 +42,20 @@ def stat_norm_layers(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
+def _sequence_mask(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """The (B, T) mask of valid steps of a sequence norm's padded input (None: every step is valid)."""
+    x = args[0]
+    lengths = kwargs.get("lengths", args[1] if len(args) > 1 else None)
+    return sequence_mask(x.shape[0], x.shape[1], lengths, kwargs.get("mask"), x.device)
+
+
 def normalized_rows(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     """What ``layer`` computes its batch statistics over: (N, C, *) input, or a sequence's valid (M, C) rows."""
     x = args[0]
     if isinstance(x, PackedSequence):
         return x.data
     if isinstance(layer, SequenceNorm):
-        lengths = kwargs.get("lengths", args[1] if len(args) > 1 else None)
-        mask = sequence_mask(x.shape[0], x.shape[1], lengths, kwargs.get("mask"), x.device)
+        mask = _sequence_mask(layer, args, kwargs)
         return x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
     return x
 
@@ -60,10 +66,18 @@ def _row_count(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     if isinstance(x, PackedSequence):
         return x.data.shape[0]
     if isinstance(layer, SequenceNorm):
-        lengths = kwargs.get("lengths", args[1] if len(args) > 1 else None)
-        mask = sequence_mask(x.shape[0], x.shape[1], lengths, kwargs.get("mask"), x.device)
+        mask = _sequence_mask(layer, args, kwargs)
         return x.shape[0] * x.shape[1] if mask is None else mask.sum()
     return x.numel() // x.shape[1]
+
+
+def _batch_moments(rows: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Per-channel mean and biased variance of (N, C, *) ``rows`` (native one pass), and the row count."""
+    x = rows.detach()
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    return mean, var, x.numel() // x.shape[1]
 
 
 class MomentSums:
@@ -81,21 +95,13 @@ class MomentSums:
 
     def add(self, rows: Tensor) -> None:
         """Add the batch of (N, C, *) ``rows``, measuring its moments."""
-        x = rows.detach()
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # native one-pass, biased variance
-        self.add_moments(mean, var, x.numel() // x.shape[1])
+        self.add_moments(*_batch_moments(rows))
 
-    def add_moments(self, mean: Tensor, biased_var: Tensor, count: int | Tensor | list[int | Tensor]) -> None:
+    def add_moments(self, mean: Tensor, biased_var: Tensor, count: int | Tensor) -> None:
         """Add batches given their per-channel means and biased variances: (C,) and a count for one batch, or
         (B, C) and B counts for B batches."""
-        mean, var = mean.double(), biased_var.double()
-        if mean.dim() == 1:
-            mean, var, count = mean[None], var[None], [count]
-        if isinstance(count, list):
-            count = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=self.sums.device) for c in count])
-        n = count.to(device=self.sums.device, dtype=torch.float64).reshape(-1, 1)
+        mean, var = mean.double().reshape(-1, mean.shape[-1]), biased_var.double().reshape(-1, mean.shape[-1])
+        n = torch.as_tensor(count, dtype=torch.float64, device=self.sums.device).reshape(-1, 1)
         rows = (
             mean,
             var * (n / (n - 1).clamp_min(1.0)),
@@ -141,10 +147,9 @@ class _LayerMoments:
     def before(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         layer.running_mean, layer.running_var = self._trained[0].clone(), self._trained[1].clone()
         if self.reading in (None, "measured"):
-            rows = normalized_rows(layer, args, kwargs).detach()
-            rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
-            self._measured = torch.batch_norm_update_stats(rows, None, None, 0.0)  # mean, biased variance
-            self._counts.append(rows.numel() // rows.shape[1])
+            mean, biased_var, count = _batch_moments(normalized_rows(layer, args, kwargs))
+            self._measured = (mean, biased_var)
+            self._counts.append(count)
         else:
             self._counts.append(_row_count(layer, args, kwargs))
 
