@@ -173,12 +173,26 @@ class InMemoryDataModule(L.LightningDataModule):
             seed=self.seed,
         )
 
+    def train_batch_sampler(self) -> Sampler[list[int]] | None:
+        """A sampler of whole training batches, for modules whose batches follow a rule (e.g. a few classes
+        per batch); it replaces :meth:`train_sampler` and ``batch_size``. None (the default): plain batches."""
+        return None
+
     # -- DataLoaders ---------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset | None, stage: str, train: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(
                 f"{type(self).__name__}: call setup({stage!r}) before asking for its DataLoader"
             )
+        common = {
+            "num_workers": self.num_workers,
+            "collate_fn": self.collate_fn(train),
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+        batch_sampler = self.train_batch_sampler() if train else None
+        if batch_sampler is not None:
+            return DataLoader(dataset, batch_sampler=batch_sampler, **common)
         sampler = self.train_sampler() if train else None
         return DataLoader(
             dataset,
@@ -186,10 +200,7 @@ class InMemoryDataModule(L.LightningDataModule):
             shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=train,
-            num_workers=self.num_workers,
-            collate_fn=self.collate_fn(train),
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            **common,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from .base import ImageDataset, InMemoryDataModule
-from .registry import image_data_like, image_datamodule_class
+from .registry import image_data_like
 from .samplers import SortaGradSampler
 from .transforms import Normalize
 
@@ -114,7 +114,6 @@ class SequenceDataModule(InMemoryDataModule):
         normalization: str = "dataset",
         download: bool = True,
     ) -> None:
-        image_cls = image_datamodule_class(dataset)
         if mode not in SEQUENCE_MODES:
             raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(SEQUENCE_MODES)}")
         super().__init__(
@@ -122,8 +121,8 @@ class SequenceDataModule(InMemoryDataModule):
         )
         self.save_hyperparameters()
         self.image_data = image_data_like(dataset, self)
-        size, channels = image_cls.image_size, image_cls.in_chans
-        self.num_classes: int = image_cls.num_classes
+        size, channels = self.image_data.image_size, self.image_data.in_chans
+        self.num_classes: int = self.image_data.num_classes
         self.pixels_per_step = 1 if mode == "pixel" else size
         self.input_size: int = self.pixels_per_step * channels
         self.max_length: int = size * size // self.pixels_per_step

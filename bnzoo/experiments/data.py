@@ -1,7 +1,7 @@
 """Data for the claims experiments: non-i.i.d. class-grouped batches (C8) and features of wildly different
 scales (C13), over any of bnzoo's image datasets by name.
 
-Both DataModules wrap a named image DataModule (``bnzoo.data.image_datamodule_class``) and change one thing:
+Both DataModules wrap a named image DataModule (:func:`bnzoo.data.image_data_like`) and change one thing:
 
 * :class:`ClassGroupedDataModule` -- every training batch holds ``classes_per_batch`` classes with
   ``batch_size / classes_per_batch`` images each (Ioffe 2017, Sec. 4: "non-i.i.d. minibatches", which there were
@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 from bnzoo.data import ImageCollate, InMemoryDataModule
-from bnzoo.data.registry import image_data_like, image_datamodule_class
+from bnzoo.data.registry import image_data_like
 
 __all__ = [
     "ClassGroupedBatchSampler",
@@ -126,12 +126,11 @@ class WrappedImageDataModule(InMemoryDataModule):
         normalization: str = "dataset",
         download: bool = True,
     ) -> None:
-        image_cls = image_datamodule_class(dataset)
         super().__init__(data_dir, batch_size, num_workers, val_size, seed, train_subset, normalization, download)
         self.image_data = image_data_like(dataset, self)
-        self.num_classes: int = image_cls.num_classes
-        self.in_chans: int = image_cls.in_chans
-        self.image_size: int = image_cls.image_size
+        self.num_classes: int = self.image_data.num_classes
+        self.in_chans: int = self.image_data.in_chans
+        self.image_size: int = self.image_data.image_size
 
     def prepare_data(self) -> None:
         self.image_data.prepare_data()
@@ -171,17 +170,8 @@ class ClassGroupedDataModule(WrappedImageDataModule):
         check_grouping(batch_size, classes_per_batch, self.num_classes)
         self.classes_per_batch = classes_per_batch
 
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            raise RuntimeError(f"{type(self).__name__}: call setup('fit') before asking for its DataLoader")
-        sampler = ClassGroupedBatchSampler(self.train_set.labels, self.batch_size, self.classes_per_batch, self.seed)
-        return DataLoader(
-            self.train_set,
-            batch_sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=self.collate_fn(True),
-            persistent_workers=self.num_workers > 0,
-        )
+    def train_batch_sampler(self) -> ClassGroupedBatchSampler:
+        return ClassGroupedBatchSampler(self.train_set.labels, self.batch_size, self.classes_per_batch, self.seed)
 
 
 class RescaledCollate:
