@@ -96,10 +96,10 @@ class ClassificationTask(L.LightningModule):
             **self._input_options(),
             **dict(model_options or {}),
         )
+        self.top_k = (1, 5) if num_classes > 5 else (1,)  # top-5 only where it is not trivially 100%
         self.metrics = nn.ModuleDict(
-            {stage: self._accuracy_metrics(num_classes) for stage in ("val_", "test_")}
+            {stage: self._accuracy_metrics(num_classes, self.top_k) for stage in ("val_", "test_")}
         )
-        self.top_k = (1, 5) if num_classes > 5 else (1,)
         self._train_hits = torch.zeros(len(self.top_k) + 1, dtype=torch.float64)  # hits at each k, samples
 
     # -- what subclasses define ---------------------------------------------------------------------------
@@ -116,11 +116,10 @@ class ClassificationTask(L.LightningModule):
         check_layer_sync(self.trainer, self)
 
     @staticmethod
-    def _accuracy_metrics(num_classes: int) -> nn.ModuleDict:
-        metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
-        if num_classes > 5:
-            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        return nn.ModuleDict(metrics)
+    def _accuracy_metrics(num_classes: int, top_k: tuple[int, ...]) -> nn.ModuleDict:
+        return nn.ModuleDict(
+            {_acc_name(k): MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in top_k}
+        )
 
     def forward(self, *inputs: Tensor) -> Any:
         return self.model(*inputs)
