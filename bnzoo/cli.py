@@ -132,7 +132,7 @@ class BnzooCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        _place_checkpoints_in_run_folder(trainer, getattr(self, "run_name", "run"))
+        _place_checkpoints_in_run_folder(trainer, self.run_name)  # set by before_instantiate_classes
         return trainer
 
     def after_fit(self) -> None:

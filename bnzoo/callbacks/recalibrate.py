@@ -362,11 +362,9 @@ class RecalibrateNormStats(Callback):
             trainer.fit_loop.setup_data()
             loader = trainer.train_dataloader
 
-        def forward(batch: Any) -> Any:
-            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-            return run_model(pl_module, batch)
-
-        used = recalibrate_norm_stats(pl_module, loader, forward, self.num_batches, self.population)
+        used = recalibrate_norm_stats(
+            pl_module, loader, lambda batch: run_model(pl_module, batch), self.num_batches, self.population
+        )
         self._done_at_step = trainer.global_step
         return used
 
@@ -383,7 +381,10 @@ def latest_checkpoint_paths(trainer: L.Trainer) -> list[str]:
 
 
 def run_model(pl_module: L.LightningModule, batch: Any) -> Any:
-    """Forward one batch: the task's ``split_batch`` when it has one, else the first element of the batch."""
+    """Forward one batch on the module's device: the task's ``split_batch`` when it has one, else the first
+    element of the batch."""
+    if isinstance(pl_module, L.LightningModule):
+        batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
     if hasattr(pl_module, "split_batch"):
         inputs, _ = pl_module.split_batch(batch)
         return pl_module(*inputs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import gc
 import json
 import logging
@@ -28,10 +29,10 @@ from typing import Any
 
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import nn
 
 from bnzoo.callbacks import ActivationPercentiles, LandscapeProbe, NormStatistics, recalibrate_norm_stats
-from bnzoo.callbacks.recalibrate import MomentSums, normalized_rows, stat_norm_layers
+from bnzoo.callbacks.recalibrate import MomentSums, normalized_rows, run_model, stat_norm_layers
 from bnzoo.cli import BnzooCLI
 
 from .recorder import MetricsRecorder
@@ -128,27 +129,20 @@ def variance_shift(model: nn.Module, loader: Any, forward: Any, max_batches: int
     return ratios
 
 
-def _forward(task: Any) -> Any:
-    def run(batch: Any) -> Tensor:
-        inputs, _ = task.split_batch(task.transfer_batch_to_device(batch, task.device, 0))
-        return task(*inputs)
-
-    return run
-
-
 def _measure(spec: ExperimentSpec, cli: BnzooCLI, quick: bool) -> dict[str, Any]:
     task, data = cli.model, cli.datamodule
     data.setup("test")
     limit = 1 if quick else spec.test_batches
+    forward = functools.partial(run_model, task)
     results: dict[str, Any] = {}
     if "test" in spec.measure or "recalibrated" in spec.measure:
         results |= {f"test_{k}": v for k, v in task.evaluate(data.test_dataloader(), limit).items()}
     if "variance_shift" in spec.measure:
-        results["variance_shift"] = variance_shift(task, data.test_dataloader(), _forward(task), limit)
+        results["variance_shift"] = variance_shift(task, data.test_dataloader(), forward, limit)
     if "recalibrated" in spec.measure:
         loader = data.train_dataloader()
         wanted = int(spec.recalibration.get("num_batches", 100))
-        used = recalibrate_norm_stats(task, loader, _forward(task), min(wanted, len(loader)),
+        used = recalibrate_norm_stats(task, loader, forward, min(wanted, len(loader)),
                                       bool(spec.recalibration.get("population", False)))  # fmt: skip
         results |= {f"recalibrated_test_{k}": v for k, v in task.evaluate(data.test_dataloader(), limit).items()}
         results["recalibration_batches"] = used
