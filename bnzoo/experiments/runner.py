@@ -33,6 +33,7 @@ from torch import nn
 
 from bnzoo.callbacks import ActivationPercentiles, LandscapeProbe, NormStatistics, recalibrate_norm_stats
 from bnzoo.callbacks.recalibrate import MomentSums, normalized_rows, run_model, stat_norm_layers
+from bnzoo.checkpoint_io import atomic_write_bytes
 from bnzoo.cli import BnzooCLI
 
 from .recorder import MetricsRecorder
@@ -242,7 +243,7 @@ def run_experiment(
         "runs": runs,
     }
     path = results_dir / f"{spec.name}.json"
-    path.write_text(json.dumps(results, indent=1))
+    atomic_write_bytes(path, json.dumps(results, indent=1).encode())  # the product of the whole run
     log(f"{spec.name}: {len(runs)} runs in {results['wall_s']:.0f} s -> {path}")
     return path
 
@@ -305,7 +306,7 @@ def run_suite(
         "machine": machine(),
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    (results_dir / "suite.json").write_text(json.dumps(suite, indent=1))
+    atomic_write_bytes(results_dir / "suite.json", json.dumps(suite, indent=1).encode())
     mean_load = suite["load_avg_1min"]["mean"]
     log(f"suite: {len(specs)} experiments in {suite['wall_s'] / 60:.1f} min, mean load {mean_load:.2f}")
     return suite
