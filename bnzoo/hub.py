@@ -9,16 +9,21 @@
 The zoo is ``checkpoints/index.json`` and the files it lists (``BNZOO_CHECKPOINT_DIR`` points elsewhere). Every
 load follows the same three rules:
 
-1. **Verify before loading.** A registered checkpoint's bytes are hashed and compared with the sha256 in the
-   index before anything is unpickled; a mismatch is a :class:`ChecksumError` naming the file. A path or URL
-   given by the user is verified against ``sha256=`` when given.
-2. **Never run code from a file.** The verified bytes go to ``torch.load(weights_only=True)``: tensors and
-   plain types only (hyperparameters are plain types for this reason). A file whose pickle would import or call
-   anything is refused with an :class:`UnsafeCheckpointError`, and nothing in it runs. The task class is
-   chosen from bnzoo's own tasks, never imported from a name in the file.
+1. **Verify before loading.** A file of the zoo's folder -- named by its registered name, by a path (symlinks
+   resolved) or by a ``file://`` URL -- is hashed and compared with the sha256 in the index before anything is
+   unpickled; a mismatch is a :class:`ChecksumError` naming the file, and a file of the folder that the index does
+   not list is refused. An index entry's ``file`` must be a plain file name (no folder, no ``..``, not absolute).
+   A path or URL outside the zoo is verified against ``sha256=`` when given.
+2. **Never run code from a file.** The verified bytes go to :func:`bnzoo.checkpoint_io.safe_torch_load`
+   (``torch.load(weights_only=True)``, passed explicitly): tensors and plain types only (hyperparameters are
+   plain types for this reason). A file whose pickle would import or call anything is refused with an
+   :class:`UnsafeCheckpointError`, a file that is no checkpoint with an :class:`UnreadableCheckpointError`, and
+   nothing in it runs. Its hyperparameters pass :func:`bnzoo.checkpoint_trust.check_stored_hyperparameters` (class
+   paths of bnzoo, Lightning and torch only; no ``model_options.pretrained``), and the task class is chosen from
+   bnzoo's own tasks, never imported from a name in the file.
 3. **Refuse a checkpoint of another network.** Asking for one architecture or norm and getting a checkpoint of
-   another is an :class:`IncompatibleCheckpointError` naming both (Batch Renorm keeps BatchNorm's state-dict
-   keys, so a bn checkpoint would otherwise load silently into a renorm network).
+   another is an :class:`IncompatibleCheckpointError` naming both (:mod:`bnzoo.compatibility`; Batch Renorm keeps
+   BatchNorm's state-dict keys, so a bn checkpoint would otherwise load silently into a renorm network).
 
 URLs (``http``, ``https``, ``file``) are downloaded with ``urllib`` into a cache directory (``cache_dir=``, else
 ``$BNZOO_CACHE_DIR``, else ``<torch.hub.get_dir()>/bnzoo``), verified (when a sha256 is known) before they are
@@ -29,7 +34,6 @@ the entry's sha256.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import difflib
 import fcntl
@@ -38,8 +42,7 @@ import hashlib
 import io
 import json
 import os
-import pickle
-import sys
+import re
 import tempfile
 import urllib.error
 import urllib.parse
@@ -52,7 +55,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint_io import atomic_write_bytes, safe_torch_load
+from .checkpoint_io import (
+    UnreadableCheckpointError,
+    UnsafeCheckpointError,
+    atomic_write_bytes,
+    safe_safetensors_load,
+    safe_torch_load,
+)
+from .checkpoint_trust import check_stored_hyperparameters
+from .compatibility import (
+    NOT_IDENTITY,
+    IncompatibleCheckpointError,
+    check_fits,
+    network_options,
+    option_differences,
+)
+from .compatibility import describe as _describe
+from .compatibility import plain as _plain
+from .errors import TerseArgumentParser
 from .models.registry import create_model, model_options
 
 if TYPE_CHECKING:
@@ -64,9 +84,11 @@ __all__ = [
     "Checkpoint",
     "ChecksumError",
     "IncompatibleCheckpointError",
+    "UnreadableCheckpointError",
     "UnsafeCheckpointError",
     "checkpoint_dir",
     "download",
+    "entry_path",
     "export_main",
     "export_safetensors",
     "file_sha256",
@@ -94,27 +116,14 @@ CACHE_DIR_ENV = "BNZOO_CACHE_DIR"
 URL_SCHEMES = ("http", "https", "file")
 DOWNLOAD_TIMEOUT_S = 60.0
 
-#: hyperparameters of a task that are also options of its network (the task passes them to create_model)
-NETWORK_HPARAMS = ("norm", "norm_options", "num_classes", "in_chans", "image_size", "input_size")
+#: Lightning's own values of ``--ckpt_path`` that :func:`resolve_ckpt_path` passes through (the CLI resolves
+#: ``last`` and ``best`` to a file of the run first; ``hpc`` is SLURM's requeue checkpoint in the run folder)
+LIGHTNING_CKPT_PATHS = ("best", "last", "hpc")
 
-#: network options a checkpoint and the network it is loaded into may disagree on (every other option they both
-#: have must be equal): norm options such as eps or momentum change no weight
-_NOT_IDENTITY = ("norm_options",)
-
-#: Lightning's own values of ``--ckpt_path`` (passed through untouched by :func:`resolve_ckpt_path`)
-LIGHTNING_CKPT_PATHS = ("best", "last", "hpc", "registry")
 
 
 class ChecksumError(ValueError):
     """A file's sha256 differs from the expected one (corrupt, truncated or modified)."""
-
-
-class UnsafeCheckpointError(ValueError):
-    """``torch.load(weights_only=True)`` refused a file: its pickle would import or call something."""
-
-
-class IncompatibleCheckpointError(ValueError):
-    """A checkpoint holds another architecture, norm or shape than the network it was asked for."""
 
 
 # -- the index --------------------------------------------------------------------------------------------------
@@ -129,10 +138,51 @@ def read_index(directory: Path | None = None) -> list[dict[str, Any]]:
     path = (directory or checkpoint_dir()) / INDEX_FILE
     if not path.is_file():
         return []
-    index = json.loads(path.read_text())
-    if index.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path}: index format {index.get('format')!r}, expected {INDEX_FORMAT}")
-    return list(index["checkpoints"])
+    try:
+        index = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable index ({err})") from err
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        found = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise ValueError(f"{path}: index format {found!r}, expected {INDEX_FORMAT}")
+    entries = index.get("checkpoints")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"{path}: 'checkpoints' must be a list of entries (JSON objects)")
+    return list(entries)
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def entry_path(entry: dict[str, Any], directory: Path | None = None) -> Path:
+    """The file of index entry ``entry``: ``<zoo folder>/<entry's file>``. The entry's ``file`` must be a plain
+    file name (no folder separator, no ``..``, not absolute) and its ``sha256`` 64 hex digits; otherwise a
+    ValueError names the entry and what is valid -- an index never points outside its folder."""
+    directory = directory or checkpoint_dir()
+    name, file, sha256 = entry.get("name"), entry.get("file"), entry.get("sha256")
+    where = f"{directory / INDEX_FILE}: entry {name!r}"
+    plain_name = isinstance(file, str) and file not in ("", ".", "..") and not any(c in file for c in "/\\\0")
+    if not plain_name or Path(file).name != file:
+        raise ValueError(f"{where} has file {file!r}; an entry's file must be a plain file name inside {directory} "
+                         "(no folders, no '..', not absolute)")
+    if not isinstance(sha256, str) or not _SHA256.match(sha256.lower()):
+        raise ValueError(f"{where} has sha256 {sha256!r}; expected 64 hex digits")
+    return directory / file
+
+
+def _zoo_entry_of(path: Path) -> dict[str, Any] | None:
+    """The index entry of ``path`` when it is (symlinks resolved) a file of the zoo's folder, else None; a file of
+    the folder that no entry lists is a ValueError (the zoo folder holds only what its index vouches for)."""
+    directory = checkpoint_dir()
+    resolved, zoo = path.resolve(), directory.resolve()
+    if zoo not in resolved.parents:
+        return None
+    for entry in read_index():
+        with contextlib.suppress(ValueError):
+            if entry_path(entry, directory).resolve() == resolved:
+                return entry
+    raise ValueError(f"{path} is a file of the zoo folder {directory} that its index does not list; nothing was "
+                     "loaded (bnzoo pretrained list shows the registered checkpoints)")
 
 
 def write_index(entries: list[dict[str, Any]], directory: Path | None = None) -> Path:
@@ -159,19 +209,20 @@ def index_lock(directory: Path) -> Iterator[None]:
 def list_pretrained(pattern: str = "*") -> list[str]:
     """Names of the registered checkpoints matching the shell-style ``pattern`` (e.g. ``"*resnet20*"``),
     sorted."""
-    return sorted(e["name"] for e in read_index() if fnmatch.fnmatchcase(e["name"], pattern))
+    names = (e.get("name") for e in read_index())
+    return sorted(n for n in names if isinstance(n, str) and fnmatch.fnmatchcase(n, pattern))
 
 
 def is_pretrained(name: Any) -> bool:
     """Whether ``name`` is a registered checkpoint's name."""
-    return isinstance(name, str) and any(e["name"] == name for e in read_index())
+    return isinstance(name, str) and any(e.get("name") == name for e in read_index())
 
 
 def pretrained_info(name: str) -> dict[str, Any]:
     """The index entry of the registered checkpoint ``name``: architecture, options, dataset, config, training
     steps and time, test accuracy, sha256, size. An unknown name is a ValueError with the closest names."""
     for entry in read_index():
-        if entry["name"] == name:
+        if entry.get("name") == name:
             return entry
     raise ValueError(_unknown_name_message(name))
 
@@ -192,6 +243,14 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _expected_sha256(entry: dict[str, Any], given: str | None, source: str) -> str:
+    """The sha256 a zoo file must have: its index entry's (a different ``sha256=`` given for it is refused)."""
+    expected = entry["sha256"].lower()
+    if given is not None and given.lower() != expected:
+        raise ChecksumError(f"sha256={given} was given for {source!r}, whose index entry says {expected}")
+    return expected
 
 
 def _check_sha256(data: bytes, expected: str | None, where: str) -> None:
@@ -249,20 +308,22 @@ def _locate(
         raise TypeError(f"a checkpoint is a registered name, a path or a URL, got {type(source).__name__} {source!r}")
     if isinstance(source, str) and is_pretrained(source):
         entry = pretrained_info(source)
-        expected = entry["sha256"]
-        if sha256 is not None and sha256.lower() != expected:
-            raise ChecksumError(f"sha256={sha256} was given for {source!r}, whose index entry says {expected}")
-        path = checkpoint_dir() / entry["file"]
+        path = entry_path(entry)
+        expected = _expected_sha256(entry, sha256, source)
         if not path.is_file():
             if not entry.get("url"):
                 raise FileNotFoundError(f"{path} (checkpoint {source!r} of {checkpoint_dir() / INDEX_FILE}) is missing")
             path = download(entry["url"], expected, cache_dir)
         return path, expected, entry
     if isinstance(source, str) and is_url(source):
-        return download(source, sha256, cache_dir), sha256, None
+        parsed = urllib.parse.urlparse(source)
+        entry = _zoo_entry_of(Path(urllib.parse.unquote(parsed.path))) if parsed.scheme == "file" else None
+        expected = _expected_sha256(entry, sha256, source) if entry else sha256
+        return download(source, expected, cache_dir), expected, entry
     path = Path(source).expanduser()
     if path.is_file():
-        return path, sha256, None
+        entry = _zoo_entry_of(path)
+        return path, _expected_sha256(entry, sha256, str(source)) if entry else sha256, entry
     if isinstance(source, str) and os.sep not in source and not Path(source).suffix:
         raise ValueError(_unknown_name_message(source))
     raise FileNotFoundError(f"no checkpoint file {str(path)!r} (and it is no registered name nor URL)")
@@ -294,28 +355,6 @@ class Checkpoint:
         return _describe(self.model, self.network_options)
 
 
-def network_options(hparams: dict[str, Any]) -> dict[str, Any]:
-    """The ``create_model`` options of the network a task with hyperparameters ``hparams`` built: the task's
-    network hyperparameters plus its ``model_options``."""
-    options = {key: hparams[key] for key in NETWORK_HPARAMS if key in hparams}
-    if "norm_options" in options and options["norm_options"] is None:
-        options["norm_options"] = {}
-    options.update(hparams.get("model_options") or {})
-    return options
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON has it (tuples become lists), for comparing options from YAML, JSON and Python."""
-    return json.loads(json.dumps(value))
-
-
-def _describe(model: str, options: dict[str, Any]) -> str:
-    extra = {k: v for k, v in options.items() if k not in ("norm", "norm_options")}
-    details = ", ".join(f"{k}={_plain(v)!r}" for k, v in sorted(extra.items()))
-    return f"{model} with norm {options.get('norm', model_options(model).get('norm'))!r}" + (
-        f" ({details})" if details else "")
-
-
 def load_checkpoint(
     source: str | os.PathLike[str],
     *,
@@ -336,26 +375,19 @@ def load_checkpoint(
         hparams, state = _read_safetensors(data, path)
     else:
         hparams, state = _read_lightning(data, path, map_location)
+    check_stored_hyperparameters(hparams, str(path))
     if not isinstance(hparams.get("model"), str):
         raise ValueError(f"{path}: no model name in its hyperparameters; not a checkpoint of a bnzoo task")
     return Checkpoint(label, path, hparams, state, entry)
 
 
 def _read_lightning(data: bytes, path: Path, map_location: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    try:
-        checkpoint = safe_torch_load(io.BytesIO(data), map_location=map_location)
-    except pickle.UnpicklingError as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in lines if line.startswith(("Trying to load", "Unsupported"))), lines[-1])
-        raise UnsafeCheckpointError(
-            f"{path}: refused to load: torch.load(weights_only=True) found more than tensors and plain types "
-            f"({reason.rstrip('.')}). bnzoo never unpickles code; if you trust this file, load it yourself"
-        ) from err
-    except RuntimeError as err:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({str(err).splitlines()[0]})") from err
+    checkpoint = safe_torch_load(io.BytesIO(data), map_location=map_location, label=path)
     if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(checkpoint):
         raise ValueError(f"{path}: not a Lightning checkpoint of a bnzoo task (no state_dict and hyper_parameters)")
     state = checkpoint["state_dict"]
+    if not isinstance(state, dict) or not isinstance(checkpoint["hyper_parameters"], dict):
+        raise ValueError(f"{path}: its state_dict and hyper_parameters must be dictionaries")
     others = sorted(k for k in state if not k.startswith("model."))
     if others:
         raise ValueError(f"{path}: state_dict entries outside the task's network: {', '.join(others[:5])}")
@@ -366,18 +398,17 @@ SAFETENSORS_METADATA_KEY = "bnzoo"
 
 
 def _read_safetensors(data: bytes, path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    from safetensors.torch import load as load_safetensors
-
-    header_size = int.from_bytes(data[:8], "little")  # the format: u64 header size, JSON header, tensor bytes
+    metadata, tensors = safe_safetensors_load(data, path)
     try:
-        metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
         hparams = json.loads(metadata[SAFETENSORS_METADATA_KEY])["hyper_parameters"]
-    except (ValueError, KeyError) as err:
+        if not isinstance(hparams, dict):
+            raise ValueError("hyper_parameters is not a JSON object")
+    except (ValueError, KeyError, TypeError) as err:
         raise ValueError(
             f"{path}: no bnzoo metadata in this safetensors file, so its architecture is unknown; load it with "
             "safetensors.torch.load_file() into the network you built"
         ) from err
-    return hparams, load_safetensors(data)
+    return hparams, tensors
 
 
 def _load_network_state(network: nn.Module, checkpoint: Checkpoint, wanted: str) -> None:
@@ -392,16 +423,8 @@ def _load_network_state(network: nn.Module, checkpoint: Checkpoint, wanted: str)
 def check_compatible(checkpoint: Checkpoint, model: str, options: dict[str, Any]) -> None:
     """Raise :class:`IncompatibleCheckpointError`, naming both, when ``checkpoint`` holds another architecture
     than ``model`` or disagrees with any of ``options`` (except ``norm_options``) it has."""
-    stored = checkpoint.network_options
-    differences = [f"model: checkpoint {checkpoint.model!r}, asked for {model!r}"] if checkpoint.model != model else []
-    for key, value in sorted(options.items()):
-        if key in stored and key not in _NOT_IDENTITY and _plain(stored[key]) != _plain(value):
-            differences.append(f"{key}: checkpoint {_plain(stored[key])!r}, asked for {_plain(value)!r}")
-    if differences:
-        raise IncompatibleCheckpointError(
-            f"checkpoint {checkpoint.label} holds {checkpoint.describe()}, not {_describe(model, options)}: "
-            + "; ".join(differences)
-        )
+    differences = option_differences(checkpoint.model, checkpoint.network_options, model, options)
+    check_fits(differences, f"checkpoint {checkpoint.label}", checkpoint.describe(), _describe(model, options))
 
 
 # -- loading tasks and networks ---------------------------------------------------------------------------------
@@ -449,7 +472,7 @@ def default_pretrained(model: str, options: dict[str, Any]) -> str:
     same_model = [e for e in read_index() if e["model"] == model]
     for entry in same_model:
         stored = entry["create_options"]
-        if all(_plain(stored[k]) == _plain(v) for k, v in wanted.items() if k in stored and k not in _NOT_IDENTITY):
+        if all(_plain(stored[k]) == _plain(v) for k, v in wanted.items() if k in stored and k not in NOT_IDENTITY):
             return entry["name"]
     available = ", ".join(f"{e['name']} (norm {e['norm']!r})" for e in same_model) or "none"
     raise ValueError(
@@ -479,19 +502,37 @@ def pretrained_model(model: str, pretrained: bool | str | os.PathLike[str], opti
 
 
 def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
-    """``--ckpt_path`` of ``bnzoo validate|test|predict``: a registered name or an ``http(s)``/``file`` URL becomes
-    its verified local file (sha256 checked, loaded once with ``weights_only=True`` to refuse unsafe files with a
-    clear error); a local path, Lightning's own values (``best``, ``last``, ...) and ``None`` pass through. (With a
-    file, LightningCLI builds the model from the checkpoint's hyperparameters, so ``--config`` supplies the data
-    and the trainer.)"""
-    if ckpt_path is None or is_pretrained(ckpt_path) or is_url(ckpt_path):
-        return ckpt_path if ckpt_path is None else str(load_checkpoint(ckpt_path).path)
+    """``--ckpt_path`` of every ``bnzoo`` subcommand, as a local file Lightning can load.
+
+    A registered name, an ``http(s)``/``file`` URL and a file of the zoo's folder (by path) become their verified
+    local file (downloaded into the cache, sha256 checked against the index where there is one, loaded once with
+    ``weights_only=True`` and their hyperparameters checked, so an unsafe or tampered file is refused here with a
+    clear error); another local path, ``None`` and Lightning's ``best``/``last``/``hpc`` pass through (the CLI
+    resolves ``best`` and ``last`` to a file of the run). Refused: ``registry:`` paths (Lightning's model
+    registry downloads outside this check) and ``.safetensors`` files (weights only: they load with
+    :func:`load_pretrained`). (With a file, LightningCLI builds the model from the checkpoint's hyperparameters,
+    so ``--config`` supplies the data and the trainer.)"""
+    if ckpt_path is None:
+        return None
     name = str(ckpt_path)
-    if name in LIGHTNING_CKPT_PATHS or name.startswith("registry:") or Path(name).expanduser().exists():
-        return ckpt_path
-    if os.sep not in name and not Path(name).suffix:  # looks like a name, not a path: say which names exist
+    if name == "registry" or name.startswith("registry:"):
+        raise ValueError(f"--ckpt_path {name}: Lightning's model registry is not supported (its download is not "
+                         "verified); valid: a file, a pretrained name, an http(s)/file URL, last, best or hpc")
+    if name.endswith(SAFETENSORS_SUFFIX):
+        raise ValueError(f"--ckpt_path {name}: a safetensors file holds weights only, not a Lightning checkpoint; "
+                         "load it with bnzoo.load_pretrained() or create_model(..., pretrained=path)")
+    if name in LIGHTNING_CKPT_PATHS:
+        return name
+    if is_pretrained(name) or is_url(name):
+        return str(load_checkpoint(name).path)
+    path = Path(name).expanduser()
+    if path.is_file():
+        if _zoo_entry_of(path) is not None:
+            load_checkpoint(path)  # a zoo file by path: hashed against the index like one by name
+        return name
+    if os.sep not in name and not path.suffix:  # looks like a name, not a path: say which names exist
         raise ValueError(_unknown_name_message(name))
-    return ckpt_path
+    raise FileNotFoundError(f"--ckpt_path {name}: no such file (nor a registered name or URL)")
 
 
 # -- export -----------------------------------------------------------------------------------------------------
@@ -545,51 +586,65 @@ def zoo_table(entries: list[dict[str, Any]] | None = None) -> str:
 # -- command line -----------------------------------------------------------------------------------------------
 def export_main(argv: Sequence[str]) -> int:
     """``bnzoo export SOURCE [-o OUT.safetensors] [--sha256 HEX]``."""
-    parser = argparse.ArgumentParser(
+    parser = TerseArgumentParser(
         prog="bnzoo export", description="Export a checkpoint's network weights to safetensors (with bnzoo metadata).")
     parser.add_argument("source", help="a pretrained name (bnzoo pretrained list), a .ckpt path, or a URL")
     parser.add_argument("-o", "--output", help="the .safetensors file (default: <name>.safetensors here)")
     parser.add_argument("--sha256", help="the expected sha256 of a path or URL")
     args = parser.parse_args(list(argv))
-    try:
-        path = export_safetensors(args.source, args.output, sha256=args.sha256)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"bnzoo export: error: {err}", file=sys.stderr)
-        return 2
-    print(path)
+    print(export_safetensors(args.source, args.output, sha256=args.sha256))
     return 0
+
+
+def verify_entry(entry: dict[str, Any]) -> str | None:
+    """Why index entry ``entry`` fails :func:`load_checkpoint` (its file name, presence, sha256, a safe load, its
+    hyperparameters), or None when it passes."""
+    try:
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"an index entry without a name (file {entry.get('file')!r})")
+        entry_path(entry)
+        load_checkpoint(name)
+    except (ValueError, TypeError, OSError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
+
+
+def verify_main(names: Sequence[str]) -> int:
+    """``bnzoo pretrained verify [NAME ...]``: one line per entry (``ok`` or ``FAILED`` and the reason), every entry
+    checked; exit status 1 when any failed."""
+    entries = read_index()
+    if names:
+        by_name = {e.get("name"): e for e in entries}
+        entries = [by_name.get(name, {"name": name, "_unknown": True}) for name in names]
+    failures = 0
+    for index, entry in enumerate(entries):
+        label = entry.get("name") if isinstance(entry.get("name"), str) else f"entry #{index}"
+        reason = _unknown_name_message(label) if entry.get("_unknown") else verify_entry(entry)
+        failures += reason is not None
+        print(f"ok      {label}" if reason is None else f"FAILED  {label}: {reason}")
+    print(f"{len(entries) - failures} of {len(entries)} checkpoints verified")
+    return 1 if failures else 0
 
 
 def pretrained_main(argv: Sequence[str]) -> int:
     """``bnzoo pretrained list [PATTERN] | info NAME | verify [NAME ...] | table``."""
-    parser = argparse.ArgumentParser(prog="bnzoo pretrained", description="The pretrained checkpoints of the zoo.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = TerseArgumentParser(prog="bnzoo pretrained", description="The pretrained checkpoints of the zoo.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{list,info,verify,table}")
     commands.add_parser("list", help="names, test accuracy and size").add_argument("pattern", nargs="?", default="*")
     commands.add_parser("info", help="a checkpoint's index entry as JSON").add_argument("name")
     commands.add_parser("verify", help="check files against their sha256 and load them safely").add_argument(
         "names", nargs="*")
     commands.add_parser("table", help="the README's zoo table (Markdown)")
     args = parser.parse_args(list(argv))
-    try:
-        if args.command == "list":
-            for name in list_pretrained(args.pattern):
-                entry = pretrained_info(name)
-                print(f"{name:45s} test acc {100 * entry['test']['acc']:6.2f}%  {entry['size_bytes'] / 2**20:5.2f} MB")
-        elif args.command == "info":
-            print(json.dumps(pretrained_info(args.name), indent=2))
-        elif args.command == "verify":
-            failures = 0
-            for name in args.names or list_pretrained():
-                try:
-                    load_checkpoint(name)
-                    print(f"ok      {name}")
-                except (ValueError, FileNotFoundError) as err:
-                    failures += 1
-                    print(f"FAILED  {name}: {err}")
-            return 1 if failures else 0
-        else:
-            print(zoo_table(), end="")
-    except ValueError as err:
-        print(f"bnzoo pretrained: error: {err}", file=sys.stderr)
-        return 2
+    if args.command == "list":
+        for name in list_pretrained(args.pattern):
+            entry = pretrained_info(name)
+            print(f"{name:45s} test acc {100 * entry['test']['acc']:6.2f}%  {entry['size_bytes'] / 2**20:5.2f} MB")
+    elif args.command == "info":
+        print(json.dumps(pretrained_info(args.name), indent=2))
+    elif args.command == "verify":
+        return verify_main(args.names)
+    else:
+        print(zoo_table(), end="")
     return 0

@@ -159,8 +159,10 @@ def test_bnzoo_test_with_a_pretrained_name_reproduces_the_fixed_batch(tmp_path: 
 
 def test_ckpt_path_resolution() -> None:
     assert resolve_ckpt_path(SMALL) == str(ZOO / pretrained_info(SMALL)["file"])
-    for passthrough in (None, "last", "best", str(ZOO / "index.json")):
+    for passthrough in (None, "last", "best", str(ROOT / "pyproject.toml")):
         assert resolve_ckpt_path(passthrough) == passthrough
+    with pytest.raises(ValueError, match="a file of the zoo folder .* that its index does not list"):
+        resolve_ckpt_path(str(ZOO / "index.json"))
     with pytest.raises(ValueError, match=f"unknown pretrained checkpoint '{SMALL}n'; closest: {SMALL}"):
         resolve_ckpt_path(f"{SMALL}n")
 
@@ -320,7 +322,7 @@ def test_export_to_safetensors_loads_into_the_bare_network(tmp_path: Path) -> No
 
 
 def test_export_of_an_unknown_name_fails_readably(capsys: pytest.CaptureFixture[str]) -> None:
-    assert export_main(["fashion_mnist-resnet21-bn"]) == 2
+    assert main(["export", "fashion_mnist-resnet21-bn"]) == 2
     assert "unknown pretrained checkpoint 'fashion_mnist-resnet21-bn'" in capsys.readouterr().err
 
 
@@ -344,4 +346,4 @@ def test_zoo_table_and_pretrained_command(capsys: pytest.CaptureFixture[str]) ->
     assert pretrained_main(["list", "*mlp*"]) == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == list_pretrained("*mlp*")
     assert pretrained_main(["verify", SMALL]) == 0
-    assert pretrained_main(["info", "nope"]) == 2
+    assert main(["pretrained", "info", "nope"]) == 2
