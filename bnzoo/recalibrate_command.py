@@ -12,50 +12,51 @@ checkpoint is written again (atomically) with the new statistics and everything 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from .callbacks.recalibrate import recalibrate_norm_stats, run_model, stat_norm_layers
 from .checkpoint_io import atomic_torch_save, safe_torch_load
+from .checkpoint_trust import check_checkpoint_hyperparameters
+from .errors import TerseArgumentParser
 
 __all__ = ["main"]
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = TerseArgumentParser(
         prog="bnzoo recalibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", action="append", required=True, help="config file(s), as for bnzoo fit")
     parser.add_argument("--ckpt_path", required=True, help="the checkpoint to recalibrate")
-    parser.add_argument("--num_batches", type=int, default=100, help="training batches to estimate from")
+    parser.add_argument("--num_batches", type=_positive_int, default=100, help="training batches to estimate from")
     parser.add_argument("--population", action="store_true", help="exact population statistics (not Alg. 2)")
     parser.add_argument("--output", help="where to write (default: <checkpoint>-recalibrated.ckpt beside it)")
     return parser
 
 
 def main(argv: list[str]) -> int:
-    from .cli import BnzooCLI  # imported here: the CLI imports every model and data module
+    from .cli import BnzooCLI, check_config_fits  # imported here: the CLI imports every model and data module
 
     args, overrides = _parser().parse_known_args(argv)
     source = Path(args.ckpt_path)
-    if not source.is_file():
-        print(f"bnzoo recalibrate: error: no checkpoint at {source}", file=sys.stderr)
-        return 2
+    checkpoint = safe_torch_load(source)  # a missing, unreadable or unsafe file: one error naming it
+    check_checkpoint_hyperparameters(checkpoint, str(source))
     cli_args = [item for config in args.config for item in ("--config", config)]
     cli_args += [*overrides, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
     cli = BnzooCLI(args=cli_args, run=False)
+    check_config_fits(checkpoint, cli.config, str(source))  # e.g. a bn checkpoint with a renorm config
     model, data = cli.model, cli.datamodule
-    checkpoint = safe_torch_load(source)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:
-        trained = checkpoint.get("hyper_parameters", {})
-        print(
-            f"bnzoo recalibrate: error: {source} holds a {trained.get('model')!r} with norm {trained.get('norm')!r}, "
-            f"the config builds {model.hparams.get('model')!r} with norm {model.hparams.get('norm')!r}:\n{err}",
-            file=sys.stderr,
-        )
-        return 2
+    model.load_state_dict(checkpoint["state_dict"])
     data.prepare_data()
     data.setup("fit")
     before = model.evaluate(data.val_dataloader())

@@ -11,7 +11,8 @@ Every step is the ``bnzoo`` command a user would run, in a subprocess, so what i
    config is ``<dataset>-<model>-<norm>``, which is why each config file is named after its run). The wall
    time of the whole command (data loading, validation and the final recalibration included), the optimizer
    steps and the epochs go to ``<workdir>/<name>/fit.json``.
-2. ``publish``: the run's ``last.ckpt`` (the final, recalibrated weights) without optimizer, scheduler, loop
+2. ``publish``: the run's ``last.ckpt`` (the final, recalibrated weights, in the run's ``version_<N>/checkpoints/``
+   as ``bnzoo fit`` printed it) without optimizer, scheduler, loop
    and callback state is written to ``checkpoints/<name>.ckpt``; ``bnzoo test`` on that file measures the test
    accuracy on the whole test set and on its first ``FIXED_BATCH`` images (``--data.init_args.batch_size 100
    --trainer.limit_test_batches 10``); its sha256, size and all of the above become its entry in
@@ -76,6 +77,7 @@ KEPT_CHECKPOINT_KEYS = (
     "datamodule_hyper_parameters",
 )
 
+_LAST_LINE = re.compile(r"^last checkpoint: (.+\.ckpt)$", re.MULTILINE)
 _METRIC_LINE = re.compile(r"^(test/[a-z_0-9]+): ([0-9.]+)$", re.MULTILINE)
 
 
@@ -109,17 +111,19 @@ def fit(name: str, workdir: Path) -> dict[str, Any]:
     config = config_path(name)
     run_dir = workdir / name
     start = time.perf_counter()
-    _bnzoo(
+    printed = _bnzoo(
         ["fit", "--config", str(config), "--trainer.logger.init_args.save_dir", str(workdir),
          "--trainer.enable_progress_bar", "false"],
         run_dir / "fit.log",
     )
     wall_time = time.perf_counter() - start
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        raise RuntimeError(f"{config} did not produce {last}: is the config's run name {name!r}?")
+    found = _LAST_LINE.search(printed)
+    last = ROOT / found.group(1) if found else None  # the run's own version folder (bnzoo.runs)
+    if last is None or not last.is_file() or last.resolve().parents[2] != run_dir.resolve():
+        raise RuntimeError(f"{config} did not produce a last.ckpt under {run_dir}: is the config's run name {name!r}?")
     checkpoint = safe_torch_load(last)
     record = {
+        "last_checkpoint": str(last.relative_to(workdir)),
         "steps": int(checkpoint["global_step"]),
         "epochs": int(checkpoint["epoch"]) + 1,
         "wall_time_s": round(wall_time, 1),
@@ -165,7 +169,7 @@ def publish(name: str, workdir: Path, destination: Path | None = None) -> dict[s
     config = config_path(name)
     run_dir = workdir / name
     trained = json.loads((run_dir / "fit.json").read_text())
-    checkpoint = safe_torch_load(run_dir / "checkpoints" / "last.ckpt")
+    checkpoint = safe_torch_load(workdir / trained["last_checkpoint"])
     file_name = f"{name}{CHECKPOINT_SUFFIX}"
     target = destination / file_name
     atomic_torch_save(strip_checkpoint(checkpoint, name, _dataset_name(name)), target)
@@ -187,7 +191,7 @@ def publish(name: str, workdir: Path, destination: Path | None = None) -> dict[s
         "dataset": _dataset_name(name),
         "config": str(config.relative_to(ROOT)),
         "params": sum(p.numel() for p in create_model(hparams["model"], **network_options(hparams)).parameters()),
-        "train": trained,
+        "train": {k: v for k, v in trained.items() if k != "last_checkpoint"},
         "test": {
             "acc": full["test/acc"],
             "loss": full.get("test/loss"),

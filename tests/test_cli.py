@@ -115,7 +115,7 @@ def test_fit_every_family_end_to_end(config: str, extra: list[str], tmp_path: Pa
         "2",
     )
     assert "best checkpoint: runs/" in printed and "tensorboard --logdir runs" in printed
-    last = next(tmp_path.glob("runs/*/checkpoints/last.ckpt"))
+    last = next(tmp_path.glob("runs/*/version_*/checkpoints/last.ckpt"))
     checkpoint = torch.load(last, weights_only=True)  # plain hyperparameters: loads without pickled code
     assert checkpoint["global_step"] == 3
     assert isinstance(checkpoint["hyper_parameters"]["model"], str)
@@ -188,10 +188,10 @@ def test_stopped_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     ]
     run_cli("fit", *common, "whole")
     run_cli("fit", *common, "split", "--trainer.callbacks+=tests.test_cli.StopAfterEpochs")
-    stopped = torch.load(tmp_path / "split/digits-mlp-bn/checkpoints/last.ckpt", weights_only=True)
+    stopped = torch.load(tmp_path / "split/digits-mlp-bn/version_0/checkpoints/last.ckpt", weights_only=True)
     run_cli("fit", *common, "split", "--ckpt_path", "last")
-    whole = torch.load(tmp_path / "whole/digits-mlp-bn/checkpoints/last.ckpt", weights_only=True)
-    split = torch.load(tmp_path / "split/digits-mlp-bn/checkpoints/last.ckpt", weights_only=True)
+    whole = torch.load(tmp_path / "whole/digits-mlp-bn/version_0/checkpoints/last.ckpt", weights_only=True)
+    split = torch.load(tmp_path / "split/digits-mlp-bn/version_0/checkpoints/last.ckpt", weights_only=True)
     assert 2 * stopped["global_step"] == whole["global_step"] > 0  # stopped after 2 of 4 epochs
     assert split["global_step"] == whole["global_step"]
     assert split["epoch"] == whole["epoch"] == 3
@@ -213,7 +213,7 @@ def _metric(save_dir: Path, tag: str) -> float:
 def test_test_and_predict_from_a_checkpoint(tmp_path: Path) -> None:
     config = ["--config", str(ROOT / "configs/digits/mlp.yaml")]
     run_cli("fit", *config, *QUICK)
-    last = str(next(tmp_path.glob("runs/*/checkpoints/last.ckpt")))
+    last = str(next(tmp_path.glob("runs/*/version_*/checkpoints/last.ckpt")))
     printed = run_cli("test", *config, "--trainer.enable_progress_bar", "false", "--ckpt_path", last)
     assert "test/acc:" in printed
     run_cli("predict", *config, "--trainer.enable_progress_bar", "false", "--ckpt_path", last)
@@ -222,21 +222,21 @@ def test_test_and_predict_from_a_checkpoint(tmp_path: Path) -> None:
 def test_without_a_logger_nothing_lands_in_the_working_directory(tmp_path: Path) -> None:
     printed = run_cli("fit", "--config", str(ROOT / "configs/digits/mlp.yaml"), *QUICK, "--trainer.logger", "false")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no ./checkpoints, no ./config.yaml
-    assert (tmp_path / "runs/digits-mlp-bn/checkpoints/last.ckpt").is_file()
-    assert "last checkpoint: runs/digits-mlp-bn/checkpoints/last.ckpt" in printed
+    assert (tmp_path / "runs/digits-mlp-bn/version_0/checkpoints/last.ckpt").is_file()
+    assert "last checkpoint: runs/digits-mlp-bn/version_0/checkpoints/last.ckpt" in printed
 
 
 def test_optimizer_and_scheduler_from_the_command_line_replace_the_defaults(tmp_path: Path) -> None:
     config = ["--config", str(ROOT / "configs/digits/mlp.yaml"), *QUICK]
     run_cli("fit", *config)  # the task's default: SGD with momentum, warm-up + cosine per step (LambdaLR)
-    default = torch.load(next(tmp_path.glob("runs/*/checkpoints/last.ckpt")), weights_only=True)
+    default = torch.load(next(tmp_path.glob("runs/*/version_*/checkpoints/last.ckpt")), weights_only=True)
     assert "momentum_buffer" in next(iter(default["optimizer_states"][0]["state"].values()))
     assert "lr_lambdas" in default["lr_schedulers"][0]
-    for path in tmp_path.glob("runs/*/checkpoints/*.ckpt"):
+    for path in tmp_path.glob("runs/*/version_*/checkpoints/*.ckpt"):
         path.unlink()
     injected = ["--optimizer", "AdamW", "--optimizer.lr", "0.003", "--lr_scheduler", "StepLR"]
     run_cli("fit", *config, *injected, "--lr_scheduler.step_size", "1", "--lr_scheduler.gamma", "0.5")
-    checkpoint = torch.load(next(tmp_path.glob("runs/*/checkpoints/last.ckpt")), weights_only=True)
+    checkpoint = torch.load(next(tmp_path.glob("runs/*/version_*/checkpoints/last.ckpt")), weights_only=True)
     group = checkpoint["optimizer_states"][0]["param_groups"][0]
     assert "exp_avg" in next(iter(checkpoint["optimizer_states"][0]["state"].values()))  # AdamW's state
     assert group["initial_lr"] == 0.003 and group["lr"] == pytest.approx(0.003 * 0.5)  # one epoch of StepLR
@@ -286,7 +286,7 @@ def test_missing_data_names_the_path_and_the_remedy(tmp_path: Path) -> None:
 def test_recalibrate_command_rewrites_statistics_only(tmp_path: Path) -> None:
     config = ["--config", str(ROOT / "configs/digits/mlp.yaml")]
     run_cli("fit", *config, *QUICK, "--trainer.callbacks", "[]")  # trained without recalibration
-    last = next(tmp_path.glob("runs/*/checkpoints/last.ckpt"))
+    last = next(tmp_path.glob("runs/*/version_*/checkpoints/last.ckpt"))
     printed = run_cli("recalibrate", *config, "--ckpt_path", str(last), "--num_batches", "5", "--population")
     assert "recalibrated 3 norm layers from 5 batches (population)" in printed and "val/acc:" in printed
     before = torch.load(last, weights_only=True)
@@ -298,15 +298,16 @@ def test_recalibrate_command_rewrites_statistics_only(tmp_path: Path) -> None:
 
 def test_recalibrate_command_names_both_architectures_on_a_mismatch(tmp_path: Path) -> None:
     run_cli("fit", "--config", str(ROOT / "configs/digits/mlp.yaml"), *QUICK, "--trainer.callbacks", "[]")
-    last = str(next(tmp_path.glob("runs/*/checkpoints/last.ckpt")))
+    last = str(next(tmp_path.glob("runs/*/version_*/checkpoints/last.ckpt")))
     result = run_subprocess("recalibrate", "--config", str(ROOT / "configs/digits/resnet.yaml"), "--ckpt_path", last)
     assert result.returncode == 2
-    assert "holds a 'mlp' with norm 'bn', the config builds 'resnet20' with norm 'bn'" in result.stderr
+    assert "holds mlp with norm 'bn'" in result.stderr
+    assert "model: checkpoint 'mlp', asked for 'resnet20'" in result.stderr
 
 
 def test_a_checkpoint_of_another_model_or_norm_is_refused_naming_both(tmp_path: Path) -> None:
     run_cli("fit", "--config", str(ROOT / "configs/digits/mlp.yaml"), *QUICK, "--trainer.callbacks", "[]")
-    last = str(next(tmp_path.glob("runs/*/checkpoints/last.ckpt")))
+    last = str(next(tmp_path.glob("runs/*/version_*/checkpoints/last.ckpt")))
     result = run_subprocess(
         "test",
         "--config",
@@ -317,5 +318,6 @@ def test_a_checkpoint_of_another_model_or_norm_is_refused_naming_both(tmp_path: 
         last,
     )
     assert result.returncode == 2
-    assert "holds a 'mlp' with norm 'bn', but the config builds a 'mlp' with norm 'renorm'" in result.stderr
+    assert "not what the config builds, mlp with norm 'renorm'" in result.stderr
+    assert "norm: checkpoint 'bn', asked for 'renorm'" in result.stderr
     assert "Traceback" not in result.stderr

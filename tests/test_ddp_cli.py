@@ -54,7 +54,7 @@ def test_ddp_fit_with_norm_sync_trains_in_sync_and_its_checkpoint_loads_in_one_p
     for key, value in rank0.items():  # global batch moments: both processes keep identical running statistics
         torch.testing.assert_close(rank1[key], value, msg=key)
 
-    last = tmp_path / "runs/digits-resnet20-renorm/checkpoints/last.ckpt"
+    last = tmp_path / "runs/digits-resnet20-renorm/version_0/checkpoints/last.ckpt"
     model = ImageClassifier.load_from_checkpoint(last, map_location="cpu")
     assert model.hparams.norm == "renorm"
     assert {type(m).__name__ for m in model.modules()} >= {"BatchRenorm2d"}
