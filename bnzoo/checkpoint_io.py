@@ -6,8 +6,9 @@ truncated one. (Lightning's own save writes through a temporary file in the syst
 not atomic when that lies on another file system.) A run killed with ``kill -9`` in the middle of a save leaves
 its temporary file (``.<name>.<random>.tmp``) behind; :func:`sweep_temporaries` removes them.
 
-Every checkpoint bnzoo reads -- its own loads and, through :class:`AtomicCheckpointIO`, every load Lightning
-makes (``fit``/``validate``/``test``/``predict`` with ``ckpt_path``, a resumed run) -- goes through
+Every checkpoint bnzoo reads -- its own loads; through :class:`AtomicCheckpointIO`, every load Lightning's trainer
+makes (``fit``/``validate``/``test``/``predict`` with ``ckpt_path``, a resumed run); and, through
+:class:`SafeLoadFromCheckpoint`, ``load_from_checkpoint`` of bnzoo's tasks and data modules -- goes through
 :func:`safe_torch_load`: ``torch.load(..., weights_only=True)`` passed explicitly, so neither torch's default nor
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` in the environment can turn it off, and whatever torch raises on a file
 that is not a checkpoint (empty, truncated, random bytes: ``EOFError``, ``RuntimeError``, ``KeyError``...)
@@ -29,13 +30,17 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from .checkpoint_trust import check_checkpoint_hyperparameters
+
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointLoadError",
+    "SafeLoadFromCheckpoint",
     "UnreadableCheckpointError",
     "UnsafeCheckpointError",
     "atomic_torch_save",
     "atomic_write_bytes",
+    "read_checkpoint_bytes",
     "safe_safetensors_load",
     "safe_torch_load",
     "sweep_temporaries",
@@ -149,6 +154,34 @@ def _is_url(path: Any) -> bool:
     return str(path).split("://", 1)[0] in ("http", "https", "file") and "://" in str(path)
 
 
+def _refuse_weights_only_false(path: Any) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{path}: refused to load with weights_only=False (--weights_only false): bnzoo loads every checkpoint with "
+        "weights_only=True (tensors and plain types), so no checkpoint can run code"
+    )
+
+
+def read_checkpoint_bytes(source: Any) -> bytes:
+    """The bytes of a checkpoint: a local path; an ``http(s)``/``file`` URL, downloaded with
+    :func:`bnzoo.hub.download` (atomically, cached by the hash of the whole URL); another fsspec URL; or an open
+    binary file. Nothing is unpickled here."""
+    if hasattr(source, "read"):
+        return source.read()
+    if _is_url(source):
+        from .hub import download  # the hub's verified, atomically cached download
+
+        return Path(download(str(source))).read_bytes()
+    if "://" in str(source):  # another fsspec file system
+        fs = get_filesystem(source)
+        if not fs.exists(source):
+            raise FileNotFoundError(f"no checkpoint file {str(source)!r}")
+        with fs.open(source, "rb") as f:
+            return f.read()
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"no checkpoint file {str(source)!r}")
+    return Path(source).read_bytes()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning CheckpointIO whose local saves are atomic (remote paths fall back to Lightning's save) and whose
     every load is :func:`safe_torch_load`.
@@ -172,21 +205,41 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, path: Any, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None
     ) -> dict[str, Any]:
         if weights_only is False:
-            raise UnsafeCheckpointError(
-                f"{path}: refused to load with weights_only=False (--weights_only false): bnzoo loads every "
-                "checkpoint with weights_only=True (tensors and plain types), so no checkpoint can run code"
-            )
-        if _is_url(path):
-            from .hub import download  # the hub's verified, atomically cached download
-
-            return safe_torch_load(download(str(path)), map_location, label=path)
-        if "://" in str(path):  # another fsspec file system: read its bytes, load them the same safe way
-            fs = get_filesystem(path)
-            if not fs.exists(path):
-                raise FileNotFoundError(f"Checkpoint file not found: {path}")
-            with fs.open(path, "rb") as f:
-                return safe_torch_load(io.BytesIO(f.read()), map_location, label=path)
+            raise _refuse_weights_only_false(path)
+        if "://" in str(path):
+            return safe_torch_load(io.BytesIO(read_checkpoint_bytes(path)), map_location, label=path)
         return safe_torch_load(path, map_location)
+
+
+class SafeLoadFromCheckpoint:
+    """Mixin (before ``L.LightningModule`` / ``L.LightningDataModule`` in the bases) whose ``load_from_checkpoint``
+    loads the way every bnzoo load does.
+
+    Lightning's ``load_from_checkpoint`` leaves ``weights_only`` to torch's default (which
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns off) and passes ``weights_only=False`` for an ``http(s)`` URL.
+    Here the file's bytes are read once (:func:`read_checkpoint_bytes`), loaded with :func:`safe_torch_load`, its
+    hyperparameters checked (:func:`bnzoo.checkpoint_trust.check_checkpoint_hyperparameters`: no class outside
+    bnzoo, Lightning and torch, no ``model_options.pretrained``), and only then the same bytes go to Lightning's
+    ``load_from_checkpoint`` with ``weights_only=True``. ``weights_only=False`` is refused."""
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if weights_only is False:
+            raise _refuse_weights_only_false(checkpoint_path)
+        label = checkpoint_path if isinstance(checkpoint_path, (str, os.PathLike)) else "<file object>"
+        data = read_checkpoint_bytes(checkpoint_path)
+        check_checkpoint_hyperparameters(safe_torch_load(io.BytesIO(data), label=label), str(label))
+        return super().load_from_checkpoint(  # type: ignore[misc]
+            io.BytesIO(data), map_location, hparams_file, strict, weights_only=True, **kwargs
+        )
 
 
 def safe_safetensors_load(data: bytes, label: Any) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from .checkpoint_io import SafeLoadFromCheckpoint
 from .models import create_model
 from .models.registry import check_model_options
 from .models.registry import model_options as model_options_of
@@ -97,7 +98,7 @@ def _acc_name(k: int) -> str:
     return "acc" if k == 1 else f"acc_top{k}"
 
 
-class ClassificationTask(L.LightningModule):
+class ClassificationTask(SafeLoadFromCheckpoint, L.LightningModule):
     """The shared classification task; use :class:`ImageClassifier` or :class:`SequenceClassifier`.
 
     Args:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from ..checkpoint_io import SafeLoadFromCheckpoint
 from .transforms import ImageCollate, Normalize
 
 __all__ = [
@@ -108,7 +109,7 @@ def _check_count(name: str, value: Any, allow_none: bool = False, minimum: int =
         raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
-class InMemoryDataModule(L.LightningDataModule):
+class InMemoryDataModule(SafeLoadFromCheckpoint, L.LightningDataModule):
     """What every bnzoo DataModule shares: the common arguments, their checks, and the four DataLoaders.
 
     Subclasses fill ``train_set``, ``val_set``, ``test_set`` in :meth:`setup` and say how to collate a batch
