@@ -70,11 +70,13 @@ _NUMERIC_RULES: dict[str, tuple[Any, str]] = {
     "warmup_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
     "num_classes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
     "milestones": (
-        lambda v: v is None
-        or (
-            isinstance(v, (list, tuple))
-            and all(_number(m) and 0 < m < 1 for m in v)
-            and all(a < b for a, b in zip(v, v[1:], strict=False))
+        lambda v: (
+            v is None
+            or (
+                isinstance(v, (list, tuple))
+                and all(_number(m) and 0 < m < 1 for m in v)
+                and all(a < b for a, b in zip(v, v[1:], strict=False))
+            )
         ),
         "null or increasing fractions of training in (0, 1)",
     ),
@@ -175,9 +177,7 @@ class ClassificationTask(SafeLoadFromCheckpoint, L.LightningModule):
 
     @staticmethod
     def _accuracy_metrics(num_classes: int, top_k: tuple[int, ...]) -> nn.ModuleDict:
-        return nn.ModuleDict(
-            {_acc_name(k): MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in top_k}
-        )
+        return nn.ModuleDict({_acc_name(k): MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in top_k})
 
     def forward(self, *inputs: Tensor) -> Any:
         return self.model(*inputs)

@@ -45,13 +45,10 @@ class ImageDataset(Dataset):
     itself, whatever split or subset it ends up in.
     """
 
-    def __init__(
-        self, images: Tensor, labels: Tensor, indices: Tensor | None = None, source_size: int | None = None
-    ):
+    def __init__(self, images: Tensor, labels: Tensor, indices: Tensor | None = None, source_size: int | None = None):
         if images.dim() != 4 or images.shape[0] != labels.shape[0]:
             raise ValueError(
-                f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and "
-                f"{tuple(labels.shape)}"
+                f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}"
             )
         self.images = images
         self.labels = labels
@@ -66,9 +63,7 @@ class ImageDataset(Dataset):
 
     def subset(self, indices: Tensor) -> ImageDataset:
         """The samples at ``indices`` (positions in this dataset), as a new in-memory dataset."""
-        return ImageDataset(
-            self.images[indices], self.labels[indices], self.indices[indices], self.source_size
-        )
+        return ImageDataset(self.images[indices], self.labels[indices], self.indices[indices], self.source_size)
 
 
 def split_indices(num_samples: int, val_size: int | float, seed: int) -> tuple[Tensor, Tensor]:
@@ -135,12 +130,9 @@ class InMemoryDataModule(SafeLoadFromCheckpoint, L.LightningDataModule):
         _check_count("num_workers", num_workers, minimum=0)
         _check_count("train_subset", train_subset, allow_none=True)
         if isinstance(val_size, bool) or not (
-            (isinstance(val_size, int) and val_size >= 0)
-            or (isinstance(val_size, float) and 0.0 <= val_size < 1.0)
+            (isinstance(val_size, int) and val_size >= 0) or (isinstance(val_size, float) and 0.0 <= val_size < 1.0)
         ):
-            raise ValueError(
-                f"val_size must be a count (int >= 0) or a fraction (float in [0, 1)), got {val_size!r}"
-            )
+            raise ValueError(f"val_size must be a count (int >= 0) or a fraction (float in [0, 1)), got {val_size!r}")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown normalization {normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
         self.data_dir = Path(data_dir).expanduser()
@@ -182,9 +174,7 @@ class InMemoryDataModule(SafeLoadFromCheckpoint, L.LightningDataModule):
     # -- DataLoaders ---------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset | None, stage: str, train: bool = False) -> DataLoader:
         if dataset is None:
-            raise RuntimeError(
-                f"{type(self).__name__}: call setup({stage!r}) before asking for its DataLoader"
-            )
+            raise RuntimeError(f"{type(self).__name__}: call setup({stage!r}) before asking for its DataLoader")
         common = {
             "num_workers": self.num_workers,
             "collate_fn": self.collate_fn(train),
@@ -270,9 +260,7 @@ class ImageDataModule(InMemoryDataModule):
         normalization: str = "dataset",
         download: bool = True,
     ) -> None:
-        super().__init__(
-            data_dir, batch_size, num_workers, val_size, seed, train_subset, normalization, download
-        )
+        super().__init__(data_dir, batch_size, num_workers, val_size, seed, train_subset, normalization, download)
         self.save_hyperparameters()
         self.augment = augment
         self._train_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
@@ -292,8 +280,7 @@ class ImageDataModule(InMemoryDataModule):
             if self.train_subset is not None:
                 if self.train_subset > len(train_idx):
                     raise ValueError(
-                        f"train_subset={self.train_subset} but the training split has only "
-                        f"{len(train_idx)} samples"
+                        f"train_subset={self.train_subset} but the training split has only {len(train_idx)} samples"
                     )
                 train_idx = train_idx[: self.train_subset]
             self.train_set, self.val_set = source.subset(train_idx), source.subset(val_idx)
