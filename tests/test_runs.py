@@ -9,9 +9,11 @@ import contextlib
 import io
 import multiprocessing
 import os
+import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,43 @@ def test_two_runs_started_at_once_never_share_a_folder(tmp_path: Path) -> None:
     assert printed == {f"{RUN}/version_0/checkpoints/last.ckpt", f"{RUN}/version_1/checkpoints/last.ckpt"}
     for path in printed:
         assert torch.load(tmp_path / path, weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_runs_killed_with_sigkill_resume_with_consistent_checkpoints(tmp_path: Path) -> None:
+    """The real thing: a run killed with ``kill -9`` at random moments (three times, once its first ``last.ckpt``
+    exists), resumed with ``--ckpt_path last`` after each kill, finishes in its own folder with no temporary file
+    left and exactly the best checkpoints its bookkeeping lists."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    many = ["--trainer.max_epochs", "60", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    command = [sys.executable, "-m", "bnzoo.cli", "fit", *MLP, *QUICK, *many]
+    last = tmp_path / RUN / "version_0/checkpoints/last.ckpt"
+    rng = random.Random(12)
+    for attempt in range(4):
+        resume = ["--ckpt_path", "last"] if attempt else []
+        run = subprocess.Popen([*command, *resume], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            if attempt < 3:
+                before = last.stat().st_mtime_ns if last.exists() else None
+                deadline = time.monotonic() + 120
+                while (not last.exists() or last.stat().st_mtime_ns == before) and run.poll() is None:
+                    assert time.monotonic() < deadline, "no new last.ckpt within 120 s"
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 0.5))  # somewhere in the following epochs: maybe in the middle of a save
+                run.kill()
+            _, err = run.communicate(timeout=600)
+        finally:
+            run.kill()
+            run.wait()
+        if attempt == 3:
+            assert run.returncode == 0, err[-3000:]
+    folder = last.parent
+    assert sorted(p.name for p in (tmp_path / RUN).iterdir()) == ["version_0"]  # every resume continued there
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
+    final = safe_torch_load(last)
+    assert final["epoch"] == 59
+    state = next(s for s in final["callbacks"].values() if s["monitor"])
+    on_disk = {p.resolve() for p in folder.glob("best-*.ckpt")}
+    assert on_disk == {Path(p).resolve() for p in state["best_k_models"]} and len(on_disk) == 1
+    assert Path(state["best_model_path"]).resolve() in on_disk
