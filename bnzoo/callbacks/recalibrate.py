@@ -28,6 +28,10 @@ in training mode, recalibration runs the model in eval mode but for its norms), 
 statistics exactly and is named in :attr:`RecalibrationResult.skipped` and in a warning. Under DDP that is
 decided on the all-reduced counts: a layer reached on one process only is recalibrated from that process's
 rows.
+
+Each norm is recalibrated on the rows it normalizes at inference, since the model runs in eval mode: the
+BN-LSTM's step ``t`` uses the norms of step ``min(t, trained_steps - 1)`` (Cooijmans et al. 2016, Sec. 3), so
+the last trained step's norms see the rows of every later step, and ``trained_steps`` itself is left alone.
 """
 
 from __future__ import annotations
