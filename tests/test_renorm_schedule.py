@@ -146,6 +146,7 @@ def test_a_resumed_run_continues_the_saved_schedule(tmp_path: Path) -> None:
     assert first + resumed == uninterrupted
 
 
+@pytest.mark.filterwarnings("ignore:.*(resum|restart).*")
 def test_resuming_with_other_bounds_continues_the_saved_ones_and_says_so(tmp_path: Path) -> None:
     _, stopped = _run(20, stop_at=8)
     checkpoint = tmp_path / "stopped.ckpt"
