@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .callbacks.recalibrate import recalibrate_norm_stats, run_model, stat_norm_layers
+from .callbacks.recalibrate import recalibrate_norm_stats, run_model
 from .checkpoint_io import atomic_torch_save, safe_torch_load
 from .checkpoint_trust import check_checkpoint_hyperparameters
 from .errors import TerseArgumentParser
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     data.prepare_data()
     data.setup("fit")
     before = model.evaluate(data.val_dataloader())
-    used = recalibrate_norm_stats(
+    result = recalibrate_norm_stats(
         model, data.train_dataloader(), lambda batch: run_model(model, batch), args.num_batches, args.population
     )
     after = model.evaluate(data.val_dataloader())
@@ -68,7 +68,9 @@ def main(argv: list[str]) -> int:
     output = Path(args.output) if args.output else source.with_name(f"{source.stem}-recalibrated.ckpt")
     atomic_torch_save(checkpoint, output)
     estimate = "population" if args.population else "Algorithm 2"
-    print(f"recalibrated {len(stat_norm_layers(model))} norm layers from {used} batches ({estimate})")
+    print(f"recalibrated {len(result.recalibrated)} norm layers from {result.batches} batches ({estimate})")
+    if result.skipped:
+        print(f"kept the statistics of {len(result.skipped)} norm layers that got no rows: {result.skipped_summary()}")
     print(f"val/acc: {before['acc']:.4f} -> {after['acc']:.4f}; val/loss: {before['loss']:.4f} -> {after['loss']:.4f}")
     print(f"written: {output}")
     return 0

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from bnzoo.callbacks import LastCheckpoint, RecalibrateNormStats, recalibrate_norm_stats
+from bnzoo.callbacks import LastCheckpoint, RecalibrateNormStats, RecalibrationResult, recalibrate_norm_stats
 from bnzoo.data import DigitsDataModule
 from bnzoo.norms import make_norm
 from bnzoo.tasks import ImageClassifier
@@ -57,8 +57,8 @@ def forward(net: nn.Module):
 def test_algorithm_2_against_an_independent_computation(kind: str) -> None:
     net = small_net(kind)
     data = batches(5)
-    used = recalibrate_norm_stats(net, data, forward(net), num_batches=5)
-    assert used == 5
+    result = recalibrate_norm_stats(net, data, forward(net), num_batches=5)
+    assert result == RecalibrationResult(batches=5, recalibrated=("1", "5"), skipped=())
     m = data[0].shape[0]
     for index, layer in ((0, net[1]), (1, net[5])):
         inputs = [layer_inputs(net, x)[index] for x in data]
@@ -180,13 +180,13 @@ def test_parameters_modes_and_counters_are_left_alone() -> None:
 def test_fewer_batches_than_asked_warns_with_the_count() -> None:
     net = small_net()
     with pytest.warns(UserWarning, match="asked for 10 batches but the data loader yielded only 3"):
-        assert recalibrate_norm_stats(net, batches(3), forward(net), num_batches=10) == 3
+        assert recalibrate_norm_stats(net, batches(3), forward(net), num_batches=10).batches == 3
 
 
 def test_a_model_without_statistics_is_a_no_op() -> None:
     net = nn.Sequential(nn.Linear(5, 4), make_norm("ln", 4, "1d"))
     before = copy.deepcopy(net.state_dict())
-    assert recalibrate_norm_stats(net, batches(), forward(net), num_batches=5) == 0
+    assert recalibrate_norm_stats(net, batches(), forward(net), num_batches=5) == RecalibrationResult(0)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
 

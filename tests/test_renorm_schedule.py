@@ -94,3 +94,66 @@ def test_schedule_without_renorm_layers_warns(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="no Batch Renorm layer"):
         trainer.fit(model, data)
     assert torch.isfinite(next(model.parameters())).all()
+
+
+# -- resuming: a run continues the schedule it was saved with -------------------------------------------------
+
+SCHEDULE = {"warmup_steps": 0.2, "r_max_steps": 0.8, "d_max_steps": 0.5, "r_max": 3.0, "d_max": 5.0}
+
+
+class StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _run(max_steps: int, ckpt_path: Path | None = None, stop_at: int | None = None, **schedule: float) -> tuple:
+    """Train an MLP with Batch Renorm under the fractional schedule; returns the recorded bounds and trainer."""
+    L.seed_everything(0)
+    data = DigitsDataModule(batch_size=32)
+    model = ImageClassifier(model="mlp", norm="renorm", model_options={"hidden": [16]}, num_classes=10, in_chans=1,
+                            image_size=8, lr=0.05)  # fmt: skip
+    record = RecordBounds()
+    callbacks = [RenormSchedule(**{**SCHEDULE, **schedule}, log_clipping=False), record]
+    trainer = L.Trainer(max_steps=max_steps, limit_val_batches=0, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=callbacks + ([StopAt(stop_at)] if stop_at else []))  # fmt: skip
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return record.seen, trainer
+
+
+@pytest.mark.filterwarnings("ignore:.*(resum|restart).*")
+def test_a_resumed_run_continues_the_saved_schedule(tmp_path: Path) -> None:
+    """A 20-step run (warm-up 4, r_max at 16, d_max at 10) stopped at step 8 and resumed with max_steps 30: the
+    resumed steps keep the 20-step schedule (not warm-up 6, r_max at 24, d_max at 15), and an interrupted run
+    resumed with the same max_steps equals the uninterrupted one step for step."""
+    uninterrupted, _ = _run(20)
+    assert [s for s, _, _ in uninterrupted] == list(range(20))
+    first, stopped = _run(20, stop_at=8)
+    assert [s for s, _, _ in first] == list(range(8))
+    checkpoint = tmp_path / "stopped.ckpt"
+    stopped.save_checkpoint(checkpoint)
+
+    resumed_longer, _ = _run(30, ckpt_path=checkpoint)
+    assert [s for s, _, _ in resumed_longer] == list(range(8, 30))
+    for step, r_max, d_max in resumed_longer:
+        assert (r_max, d_max) == pytest.approx(renorm_bounds(step, 4, 16, 10, 3.0, 5.0)), step
+
+    resumed, _ = _run(20, ckpt_path=checkpoint)
+    assert first + resumed == uninterrupted
+
+
+@pytest.mark.filterwarnings("ignore:.*(resum|restart).*")
+def test_resuming_with_other_bounds_continues_the_saved_ones_and_says_so(tmp_path: Path) -> None:
+    _, stopped = _run(20, stop_at=8)
+    checkpoint = tmp_path / "stopped.ckpt"
+    stopped.save_checkpoint(checkpoint)
+    with pytest.warns(UserWarning, match=r"ignoring r_max_steps=0\.9 \(saved: 0\.8\), r_max=2\.0 \(saved: 3\.0\)"):
+        resumed, trainer = _run(20, ckpt_path=checkpoint, r_max_steps=0.9, r_max=2.0)
+    for step, r_max, d_max in resumed:
+        assert (r_max, d_max) == pytest.approx(renorm_bounds(step, 4, 16, 10, 3.0, 5.0)), step
+    saved_again = next(c for c in trainer.callbacks if isinstance(c, RenormSchedule)).state_dict()
+    assert saved_again == {"steps": [4, 16, 10], "r_max": 3.0, "d_max": 5.0, "arguments": [0.2, 0.8, 0.5, 3.0, 5.0]}

@@ -2,7 +2,7 @@
 
 from .checkpoints import LastCheckpoint
 from .diagnostics import ActivationPercentiles, LandscapeProbe, NormStatistics
-from .recalibrate import RecalibrateNormStats, recalibrate_norm_stats, stat_norm_layers
+from .recalibrate import RecalibrateNormStats, RecalibrationResult, recalibrate_norm_stats, stat_norm_layers
 from .renorm_schedule import RenormSchedule, renorm_bounds, renorm_layers
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "NormStatistics",
     "LastCheckpoint",
     "RecalibrateNormStats",
+    "RecalibrationResult",
     "RenormSchedule",
     "recalibrate_norm_stats",
     "renorm_bounds",

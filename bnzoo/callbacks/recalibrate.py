@@ -4,11 +4,34 @@ Ioffe & Szegedy 2015, Algorithm 2 (steps 8-11): after training, the inference st
 ``E[x] = E_B[mu_B]`` and ``Var[x] = m/(m-1) * E_B[sigma_B^2]`` over mini-batches B of size m -- not the
 exponential moving averages kept during training, which lag behind the weights that produced them. With
 ``population=True`` the exact mean and (unbiased) variance over every sample seen are used instead, as
-fvcore's precise BN does.
+fvcore's precise BN does. A layer's "batch" is what it normalizes in one training-mode call: its (N, C, *)
+input, or a sequence norm's valid steps.
 
-Under DDP every process runs its own batches and the per-channel *sums* (of batch means, of unbiased batch
-variances, of counts, ...) are all-reduced, so the result is the one a single process gets over the union of
-all processes' batches.
+Under DDP a batch B of Alg. 2 is what a layer normalizes with one set of batch statistics:
+
+* **Without synchronized norms** each process normalizes its own batch with that batch's statistics, so every
+  process's batch is a batch of Alg. 2. Each process sums its batches' moments (per channel: batch means,
+  unbiased batch variances, batch counts, sample counts, sums of x and of x^2) and the sums are all-reduced: the
+  result is that of one process that ran all the processes' batches one after another (the union of the
+  batches, each normalized by its own statistics); ``population=True`` gives the exact moments over the union.
+* **With synchronized norms** (:class:`bnzoo.plugins.NormSync`, ``convert_sync_norms``, ``nn.SyncBatchNorm``)
+  a layer normalizes the *global* batch -- the concatenation of the processes' batches at that step -- so that
+  is the batch of Alg. 2: its moments are the global ones (:func:`bnzoo.norms.sync.global_batch_moments`, with
+  m the global batch size in ``m/(m-1)``), equal on every process and added once. The result is that of one
+  process on the concatenated batches; ``population=True`` gives the exact moments over all their samples.
+
+Both use the one cross-process reduction of :mod:`bnzoo.norms.sync` (``all_reduce_sum``).
+
+A layer that gets no rows -- never reached by the forward passes (timm Inception-v3's auxiliary head runs only
+in training mode, recalibration runs the model in eval mode but for its norms), or reached only in eval mode
+(a BN-LSTM step that a single sequence reaches, normalized with its running statistics) -- keeps its
+statistics exactly and is named in :attr:`RecalibrationResult.skipped` and in a warning. Under DDP that is
+decided on the all-reduced counts: a layer reached on one process only is recalibrated from that process's
+rows.
+
+Each norm is recalibrated on the rows it normalizes at inference, since the model runs in eval mode: the
+BN-LSTM's step ``t`` uses the norms of step ``min(t, trained_steps - 1)`` (Cooijmans et al. 2016, Sec. 3), so
+the last trained step's norms see the rows of every later step, and ``trained_steps`` itself is left alone.
 """
 
 from __future__ import annotations
@@ -17,6 +40,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -29,17 +53,31 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..norms.renorm import _BatchRenorm
 from ..norms.sequence import SequenceNorm, sequence_mask
-from ..norms.sync import all_reduce_sum
+from ..norms.sync import SyncableNorm, all_reduce_sum, global_batch_moments, is_distributed
 from .checkpoints import LastCheckpoint
 
-__all__ = ["MomentSums", "RecalibrateNormStats", "normalized_rows", "recalibrate_norm_stats", "stat_norm_layers"]
+__all__ = [
+    "MomentSums",
+    "named_stat_norm_layers",
+    "RecalibrateNormStats",
+    "RecalibrationResult",
+    "normalized_rows",
+    "recalibrate_norm_stats",
+    "stat_norm_layers",
+    "synchronization",
+]
 
 log = logging.getLogger(__name__)
 
 
+def named_stat_norm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """The norm layers of ``model`` that keep running statistics, with their module names."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
 def stat_norm_layers(model: nn.Module) -> list[_BatchNorm]:
     """The norm layers of ``model`` that keep running statistics (bn, renorm, sequence norms, SyncBatchNorm)."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    return [m for _, m in named_stat_norm_layers(model)]
 
 
 def _sequence_mask(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
@@ -71,9 +109,28 @@ def _row_count(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     return x.numel() // x.shape[1]
 
 
-def _batch_moments(rows: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Per-channel mean and biased variance of (N, C, *) ``rows`` (native one pass), and the row count."""
+def synchronization(layer: nn.Module) -> tuple[bool, Any]:
+    """Whether ``layer``'s training forward normalizes with moments global across processes now, and the
+    process group it reduces over (bnzoo's synchronized norms and torch's ``nn.SyncBatchNorm``)."""
+    if isinstance(layer, SyncableNorm):
+        return layer._sync_active(), layer.process_group
+    if isinstance(layer, nn.SyncBatchNorm):
+        return bool(layer.training and is_distributed(layer.process_group)), layer.process_group
+    return False, None
+
+
+def _batch_moments(
+    rows: Tensor, synchronized: bool = False, group: Any = None, shift: Tensor | None = None
+) -> tuple[Tensor, Tensor, int | Tensor]:
+    """Per-channel mean and biased variance of (N, C, *) ``rows``, and the row count.
+
+    Local rows: the native one-pass kernel. ``synchronized``: the moments of the global batch, the
+    concatenation of every process's rows (:func:`~bnzoo.norms.sync.global_batch_moments`, shifted by
+    ``shift``; one all-reduce), as a synchronized layer normalizes with them.
+    """
     x = rows.detach()
+    if synchronized:
+        return global_batch_moments(x, shift, group)
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
@@ -131,29 +188,41 @@ class _LayerMoments:
     Before each call the layer gets copies of its trained buffers -- so a layer whose training output depends on
     them normalizes as in training -- and after it the copies, now holding the batch's moments, are
     kept and the trained buffers put back. On the first call the moments are also measured directly, which tells
-    which variance the buffer holds; a layer whose buffers match neither (a custom update rule, a layer
-    synchronized across processes) is measured on every call instead.
+    which variance the buffer holds; a layer whose buffers match neither (a custom update rule) is measured on
+    every call instead. A synchronized layer is measured on every call, over the global batch (see the module
+    docstring). A call made in eval mode normalizes with the running statistics, not a batch's: it is not
+    recorded.
     """
 
-    def __init__(self, layer: _BatchNorm) -> None:
-        self.layer = layer
-        self.reading: str | None = None  # "unbiased" | "biased" | "measured", decided on the first call
+    def __init__(self, layer: _BatchNorm, name: str) -> None:
+        self.layer, self.name = layer, name
+        self.synchronized, self.group = synchronization(layer)
+        # "unbiased" | "biased" | "measured", decided on the first call (None until then)
+        self.reading: str | None = "measured" if self.synchronized else None
         self._trained = (layer.running_mean, layer.running_var)
+        self._recording = False
         self._measured: tuple[Tensor, Tensor] | None = None
         self._means: list[Tensor] = []
         self._variances: list[Tensor] = []
         self._counts: list[int | Tensor] = []
 
     def before(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._recording = layer.training
+        if not self._recording:
+            return
         layer.running_mean, layer.running_var = self._trained[0].clone(), self._trained[1].clone()
         if self.reading in (None, "measured"):
-            mean, biased_var, count = _batch_moments(normalized_rows(layer, args, kwargs))
+            rows = normalized_rows(layer, args, kwargs)
+            mean, biased_var, count = _batch_moments(rows, self.synchronized, self.group, self._trained[0])
             self._measured = (mean, biased_var)
             self._counts.append(count)
         else:
             self._counts.append(_row_count(layer, args, kwargs))
 
     def after(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if not self._recording:
+            return
+        self._recording = False
         mean, var = layer.running_mean, layer.running_var
         self.restore()
         if self.reading is None:
@@ -213,6 +282,27 @@ def _norm_layers_in_training_mode(model: nn.Module, layers: list[_BatchNorm]):
                 layer.num_batches_tracked.copy_(count)
 
 
+@dataclass(frozen=True)
+class RecalibrationResult:
+    """What :func:`recalibrate_norm_stats` did.
+
+    Attributes:
+        batches: the batches this process ran.
+        recalibrated: the module names of the norm layers whose statistics were recomputed.
+        skipped: those that got no rows in training mode on any process and kept their statistics.
+    """
+
+    batches: int
+    recalibrated: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+
+    def skipped_summary(self, limit: int = 8) -> str:
+        """The skipped layers' names, the first ``limit`` of them and how many more."""
+        names = ", ".join(self.skipped[:limit])
+        more = len(self.skipped) - limit
+        return f"{names}, ... ({more} more)" if more > 0 else names
+
+
 @torch.no_grad()
 def recalibrate_norm_stats(
     model: nn.Module,
@@ -221,8 +311,9 @@ def recalibrate_norm_stats(
     num_batches: int = 100,
     population: bool = False,
     process_group: Any = None,
-) -> int:
-    """Recompute the running statistics of ``model``'s norm layers from ``batches``; returns batches used.
+) -> RecalibrationResult:
+    """Recompute the running statistics of ``model``'s norm layers from ``batches`` (Ioffe & Szegedy 2015,
+    Alg. 2, steps 8-11; or the exact population moments).
 
     Args:
         model: the network (its norm layers are found by type; parameters are never touched).
@@ -230,7 +321,18 @@ def recalibrate_norm_stats(
         forward: runs the model on one batch (moving it to the device first if needed).
         num_batches: how many batches to use; fewer available gives a warning with the count.
         population: exact mean/variance over all samples instead of Alg. 2's mean of batch moments.
-        process_group: all-reduce the sums over this group (None: the world, when distributed).
+        process_group: all-reduce the sums of the layers that are not synchronized over this group (None: the
+            world, when distributed). A synchronized layer's moments are global over its own group already.
+
+    Returns:
+        a :class:`RecalibrationResult`: the batches used, the layers recalibrated and the layers skipped (no
+        rows on any process: their statistics are kept exactly, and a warning names them).
+
+    The model runs in eval mode (dropout off) except its norm layers, which run in training mode with their
+    batch statistics; a norm call made in eval mode (a model may switch a layer itself, as the BN-LSTM does for
+    a step that one sequence reaches) is not recorded. Under DDP see the module docstring: without synchronized
+    norms each process's batch is a batch of Alg. 2; with them the global batch is. Every process must call
+    this (the sums are all-reduced), also one whose loader is empty.
 
     Batch Renorm layers run as BatchNorm (``r = 1, d = 0``) while statistics are collected, as Alg. 2 runs the
     training network of BN: each layer then normalizes with its batch's own statistics -- close to the
@@ -238,20 +340,22 @@ def recalibrate_norm_stats(
     will see. With renorm's ``r`` and ``d`` they would be measured as normalized by the *old* running statistics,
     which recalibration replaces.
     """
-    layers = stat_norm_layers(model)
-    if not layers:
+    named = named_stat_norm_layers(model)
+    if not named:
         rank_zero_info("RecalibrateNormStats: the model has no norm layer with running statistics; nothing to do.")
-        return 0
-    readers = [_LayerMoments(layer) for layer in layers]
+        return RecalibrationResult(0)
+    layers = [layer for _, layer in named]
+    readers: list[_LayerMoments] = []
     handles = []
-    for reader in readers:
-        handles.append(reader.layer.register_forward_pre_hook(reader.before, with_kwargs=True))
-        handles.append(reader.layer.register_forward_hook(reader.after, with_kwargs=True))
     momenta = {layer: layer.momentum for layer in layers}
     bounds = {layer: (layer.r_max, layer.d_max) for layer in layers if isinstance(layer, _BatchRenorm)}
     used = 0
     try:
         with _norm_layers_in_training_mode(model, layers):
+            readers = [_LayerMoments(layer, name) for name, layer in named]  # in training mode: sync decided
+            for reader in readers:
+                handles.append(reader.layer.register_forward_pre_hook(reader.before, with_kwargs=True))
+                handles.append(reader.layer.register_forward_hook(reader.after, with_kwargs=True))
             for layer in layers:
                 layer.momentum = 1.0  # the update then leaves the batch's moments in the buffers
             for layer in bounds:  # renorm as BatchNorm (r = 1, d = 0): see the docstring
@@ -273,18 +377,40 @@ def recalibrate_norm_stats(
     if used < num_batches:
         warnings.warn(
             f"RecalibrateNormStats asked for {num_batches} batches but the data loader yielded only {used}",
-            stacklevel=2,
+            stacklevel=3,  # the caller of the no_grad wrapper
         )
-    if used == 0:
-        return 0
-    # one all-reduce for every layer's sums
-    packed = all_reduce_sum(torch.cat([reader.sums() for reader in readers], dim=1), process_group)
-    reduced = packed.split([layer.num_features for layer in layers], dim=1)
-    for layer, sums in zip(layers, reduced, strict=True):
-        mean, var = MomentSums.estimate(sums, population)
-        layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
-        layer.running_var.copy_(var.to(layer.running_var.dtype))
-    return used
+    result = _write_estimates(readers, population, process_group, used)
+    if result.skipped:
+        warnings.warn(
+            f"RecalibrateNormStats: {len(result.skipped)} of {len(readers)} norm layers got no rows in training "
+            f"mode from the {used} batches (not reached by the forward pass, or only in eval mode) and kept "
+            f"their statistics: {result.skipped_summary()}",
+            stacklevel=3,  # the caller of the no_grad wrapper
+        )
+    return result
+
+
+def _write_estimates(
+    readers: list[_LayerMoments], population: bool, process_group: Any, used: int
+) -> RecalibrationResult:
+    """Reduce the readers' sums (one all-reduce for every unsynchronized layer; a synchronized layer's sums are
+    global already) and write each layer's estimate; a layer with no batch on any process keeps its buffers."""
+    sums = {reader: reader.sums() for reader in readers}
+    local = [reader for reader in readers if not reader.synchronized]
+    if local:
+        packed = all_reduce_sum(torch.cat([sums[reader] for reader in local], dim=1), process_group)
+        sums |= dict(zip(local, packed.split([r.layer.num_features for r in local], dim=1), strict=True))
+    recalibrated, skipped = [], []
+    for reader in readers:
+        layer_sums = sums[reader]
+        if not bool(layer_sums[2, 0] > 0):  # no batch on any process: 0/0, keep the statistics
+            skipped.append(reader.name)
+            continue
+        mean, var = MomentSums.estimate(layer_sums, population)
+        reader.layer.running_mean.copy_(mean.to(reader.layer.running_mean.dtype))
+        reader.layer.running_var.copy_(var.to(reader.layer.running_var.dtype))
+        recalibrated.append(reader.name)
+    return RecalibrationResult(used, tuple(recalibrated), tuple(skipped))
 
 
 class RecalibrateNormStats(Callback):
@@ -296,6 +422,13 @@ class RecalibrateNormStats(Callback):
     ``on_train_end`` and the latest checkpoint is written again.) The validation accuracy and loss just before
     and after recalibrating are logged as ``recalibrate/val_acc_before``, ``recalibrate/val_acc_after`` (and
     ``..._loss_...``).
+
+    Under DDP each process recalibrates from its own shard of the training batches and the estimates are
+    combined as the module docstring says: without synchronized norms the result equals one process over the
+    union of the processes' batches (each normalized by its own statistics); with :class:`bnzoo.plugins.NormSync`
+    it equals one process on the concatenated (global) batches. Layers that get no rows (an auxiliary head that
+    runs only in training mode, BN-LSTM steps beyond the batches' length) keep their statistics; a warning names
+    them and :attr:`last_result` holds the :class:`RecalibrationResult` of the latest recalibration.
 
     Args:
         num_batches: training batches to estimate from.
@@ -318,6 +451,7 @@ class RecalibrateNormStats(Callback):
         self.population = population
         self.before_validation = before_validation
         self.log_metrics = log_metrics
+        self.last_result: RecalibrationResult | None = None
         self._done_at_step: int | None = None
 
     # -- when ---------------------------------------------------------------------------------------------
@@ -356,17 +490,17 @@ class RecalibrateNormStats(Callback):
         summary = ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in before)
         rank_zero_info(f"RecalibrateNormStats: validation {summary}")
 
-    def recalibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+    def recalibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> RecalibrationResult:
         loader = trainer.train_dataloader
         if loader is None:
             trainer.fit_loop.setup_data()
             loader = trainer.train_dataloader
 
-        used = recalibrate_norm_stats(
+        self.last_result = recalibrate_norm_stats(
             pl_module, loader, lambda batch: run_model(pl_module, batch), self.num_batches, self.population
         )
         self._done_at_step = trainer.global_step
-        return used
+        return self.last_result
 
 
 def latest_checkpoint_paths(trainer: L.Trainer) -> list[str]:

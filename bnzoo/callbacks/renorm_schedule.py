@@ -3,7 +3,8 @@
 "We used r_max = 1, d_max = 0 (i.e. simply batchnorm) for the first 5000 training steps, after which these
 were gradually relaxed to reach r_max = 3 at 40k steps, and d_max = 5 at 25k steps." Here both bounds rise
 linearly from the end of the warm-up to their final values; step counts are integers, or fractions of the
-run's total optimizer steps when given as floats in (0, 1].
+run's total optimizer steps when given as floats in (0, 1]. A run resumed from a checkpoint continues the
+schedule it was saved with, whatever the resumed run's ``max_steps``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 __all__ = ["RenormSchedule", "renorm_bounds", "renorm_layers"]
@@ -58,7 +60,10 @@ class RenormSchedule(Callback):
         log_clipping: every ``log_every_n_steps`` log r_max, d_max and, per layer, the fraction of channels whose
             r or d was clipped (``renorm/<layer>/r_clipped``, ``renorm/<layer>/d_clipped``) and their means.
 
-    Step counts that are floats in (0, 1] are fractions of the run's total optimizer steps.
+    Step counts that are floats in (0, 1] are fractions of the run's total optimizer steps, resolved when
+    training starts. The resolved schedule is saved in checkpoints; a resumed run continues it (a fraction stays
+    a fraction of the saved run, not of the resumed run's ``max_steps``), and bounds or step arguments that
+    differ from the saved ones are named in a warning and not used.
     """
 
     def __init__(
@@ -78,18 +83,31 @@ class RenormSchedule(Callback):
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.log_clipping = log_clipping
         self._steps: tuple[int, int, int] = (0, 0, 0)
+        self._restored = False  # the schedule came from a checkpoint: on_train_start keeps it
+        self._schedule_arguments = self._arguments()  # those of the schedule in effect (a checkpoint's, resumed)
         self._recording: tuple[int, float, float] | None = None  # (step, r_max, d_max) being recorded
+
+    def _arguments(self) -> list[int | float]:
+        return [self.warmup_steps, self.r_max_steps, self.d_max_steps, self.r_max, self.d_max]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = int(trainer.estimated_stepping_batches)
-        self._steps = (
+        steps = (
             _resolve(self.warmup_steps, total, "warmup_steps"),
             _resolve(self.r_max_steps, total, "r_max_steps"),
             _resolve(self.d_max_steps, total, "d_max_steps"),
         )
+        if self._restored:  # a resumed run continues the schedule it was saved with (see load_state_dict)
+            self._restored = False
+            if steps != self._steps:
+                rank_zero_info(
+                    f"RenormSchedule: continuing the saved schedule (warm-up {self._steps[0]}, r_max reached at "
+                    f"{self._steps[1]}, d_max at {self._steps[2]} steps), not the {steps} this run's {total} "
+                    "steps would give"
+                )
+        else:
+            self._steps = steps
         if not renorm_layers(pl_module):
-            from lightning.pytorch.utilities import rank_zero_warn
-
             rank_zero_warn("RenormSchedule: the model has no Batch Renorm layer; the schedule has nothing to set.")
 
     def bounds(self, step: int) -> tuple[float, float]:
@@ -126,7 +144,30 @@ class RenormSchedule(Callback):
             trainer.logger.log_metrics(metrics, step=step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": list(self._steps)}
+        """The schedule as resolved for this run (plain types): its step counts, final bounds and arguments."""
+        return {
+            "steps": list(self._steps),
+            "r_max": self.r_max,
+            "d_max": self.d_max,
+            "arguments": list(self._schedule_arguments),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._steps = tuple(state_dict.get("steps", self._steps))  # type: ignore[assignment]
+        """Continue the saved schedule: its resolved step counts (a fraction of the *saved* run's length, not of
+        a resumed run's other ``max_steps``) and final bounds. Arguments that differ from the saved ones are
+        named in a warning and not used."""
+        if "steps" not in state_dict:
+            return
+        given, saved = self._arguments(), state_dict.get("arguments")
+        self._steps = tuple(int(s) for s in state_dict["steps"])  # type: ignore[assignment]
+        self.r_max = float(state_dict.get("r_max", self.r_max))
+        self.d_max = float(state_dict.get("d_max", self.d_max))
+        self._restored = True
+        if saved is not None:
+            self._schedule_arguments = list(saved)
+        if saved is not None and list(saved) != given:
+            names = ("warmup_steps", "r_max_steps", "d_max_steps", "r_max", "d_max")
+            changed = ", ".join(
+                f"{n}={new!r} (saved: {old!r})" for n, old, new in zip(names, saved, given, strict=True) if old != new
+            )
+            rank_zero_warn(f"RenormSchedule: the checkpoint's schedule is continued; ignoring {changed}")

@@ -144,7 +144,7 @@ def _measure(spec: ExperimentSpec, cli: BnzooCLI, quick: bool) -> dict[str, Any]
         loader = data.train_dataloader()
         wanted = int(spec.recalibration.get("num_batches", 100))
         used = recalibrate_norm_stats(task, loader, forward, min(wanted, len(loader)),
-                                      bool(spec.recalibration.get("population", False)))  # fmt: skip
+                                      bool(spec.recalibration.get("population", False))).batches  # fmt: skip
         results |= {f"recalibrated_test_{k}": v for k, v in task.evaluate(data.test_dataloader(), limit).items()}
         results["recalibration_batches"] = used
     return results
