@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..norms import make_norm, sequence_mask
+from ..norms import make_norm, sequence_mask, with_packed_data
 from .registry import register_model
 
 __all__ = [
@@ -114,8 +114,7 @@ def _map_steps(fn: Callable[[Tensor], Tensor], steps: Steps) -> Steps:
     gathering and scattering of the valid steps around the norm: its data already *are* the valid steps.
     """
     if isinstance(steps, PackedSequence):
-        data = fn(steps.data.unsqueeze(0)).squeeze(0)
-        return PackedSequence(data, steps.batch_sizes, steps.sorted_indices, steps.unsorted_indices)
+        return with_packed_data(steps, fn(steps.data.unsqueeze(0)).squeeze(0))
     return fn(steps)
 
 

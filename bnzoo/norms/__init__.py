@@ -20,6 +20,7 @@ from .sequence import (
     SequenceNorm,
     lengths_to_mask,
     sequence_mask,
+    with_packed_data,
 )
 from .sync import SyncableNorm, all_reduce_sum, global_batch_moments, is_distributed, normalize_with_moments
 
@@ -58,4 +59,5 @@ __all__ = [
     "normalize_with_moments",
     "register_norm",
     "sequence_mask",
+    "with_packed_data",
 ]

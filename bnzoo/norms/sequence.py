@@ -37,6 +37,7 @@ __all__ = [
     "SequenceNorm",
     "lengths_to_mask",
     "sequence_mask",
+    "with_packed_data",
 ]
 
 
@@ -44,6 +45,15 @@ def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
     """(B, max_len) bool mask, True at the first ``lengths[b]`` steps of each sequence."""
     steps = torch.arange(max_len, device=lengths.device)
     return steps.unsqueeze(0) < lengths.to(steps.device).unsqueeze(1)
+
+
+def with_packed_data(packed: PackedSequence, data: Tensor) -> PackedSequence:
+    """``packed`` with its data replaced by ``data`` (same rows, e.g. normalized).
+
+    Built with the constructor: ``packed._replace(data=...)`` returns an *empty* tuple under ``torch.compile``
+    (torch 2.14), which fails far away, in whatever unpacks it.
+    """
+    return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
 
 
 def sequence_mask(
@@ -89,7 +99,7 @@ class SequenceNorm:
                     f"{type(self).__name__}({self.num_features}) expects packed data of shape "
                     f"(M, {self.num_features}), got {tuple(x.data.shape)}"
                 )
-            return x._replace(data=super().forward(x.data))  # type: ignore[misc]
+            return with_packed_data(x, super().forward(x.data))  # type: ignore[misc]
         if x.dim() != 3 or x.shape[-1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) expects (batch, time, {self.num_features}) "
