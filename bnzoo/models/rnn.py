@@ -44,6 +44,7 @@ from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..norms import make_norm, sequence_mask, with_packed_data
+from .layers import norm_has_bias
 from .registry import register_model
 
 __all__ = [
@@ -91,11 +92,6 @@ def _check_norm_options(norm_options: Any) -> dict[str, Any]:
     if not isinstance(norm_options, dict):
         raise TypeError(f"norm_options must be a dict of options for make_norm or None, got {norm_options!r}")
     return dict(norm_options)
-
-
-def _has_learned_shift(norm: nn.Module) -> bool:
-    """Whether ``norm`` adds a learned per-feature shift (a ``bias`` parameter), which makes a bias moot."""
-    return isinstance(getattr(norm, "bias", None), nn.Parameter)
 
 
 Steps = Tensor | PackedSequence  # a batch of sequences: (B, T, C) with every step valid, or packed
@@ -231,8 +227,7 @@ class SequenceWiseNormRNN(nn.Module):
             rnn_class = nn.LSTM if cell == "lstm" else nn.GRU
             self.rnn = rnn_class(input_size, hidden_size, batch_first=True, bidirectional=self.bidirectional)
         else:
-            has_shift = _has_learned_shift(norm_layer)
-            self.input_proj = nn.Linear(input_size, input_channels, bias=not has_shift)
+            self.input_proj = nn.Linear(input_size, input_channels, bias=not norm_has_bias(norm_layer))
             self.norm = norm_layer
             self.rnn = FixedInputRecurrence(cell, hidden_size, self.bidirectional)
 
@@ -449,9 +444,7 @@ class RecurrentClassifier(nn.Module):
         if lengths is None:
             return None
         lengths = torch.as_tensor(lengths)
-        if torch.is_floating_point(lengths) or lengths.dtype == torch.bool:
-            raise TypeError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
-        if sequence_mask(x.shape[0], x.shape[1], lengths=lengths) is None:  # validates shape and range
+        if sequence_mask(x.shape[0], x.shape[1], lengths=lengths) is None:  # validates dtype, shape and range
             return None
         return lengths.to(device="cpu", dtype=torch.long)
 

@@ -61,12 +61,18 @@ def sequence_mask(
 ) -> Tensor | None:
     """The (B, T) validity mask from ``lengths`` or ``mask``, or None when every step is valid.
 
-    Raises a ValueError naming the bad shape or value, rather than an indexing error deep in torch.
+    Raises a ValueError naming the bad shape or value, rather than an indexing error deep in torch, and a
+    TypeError for lengths that are not integers (a float length would be rounded up silently) or a mask that
+    is neither bool nor 0/1 integers.
     """
     if lengths is not None and mask is not None:
         raise ValueError("pass either lengths or mask, not both")
     if lengths is not None:
         lengths = torch.as_tensor(lengths, device=device)
+        if torch.is_floating_point(lengths) or torch.is_complex(lengths) or lengths.dtype == torch.bool:
+            raise TypeError(
+                f"lengths must be an integer tensor (valid steps per sequence), got dtype {lengths.dtype}"
+            )
         if lengths.shape != (batch,):
             raise ValueError(f"lengths must have shape ({batch},), got {tuple(lengths.shape)}")
         lo, hi = int(lengths.min()), int(lengths.max())
@@ -78,6 +84,8 @@ def sequence_mask(
     if mask is not None:
         if mask.shape != (batch, steps):
             raise ValueError(f"mask must have shape ({batch}, {steps}), got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool and (mask.is_floating_point() or bool(((mask != 0) & (mask != 1)).any())):
+            raise TypeError(f"mask must be bool (or integers 0 and 1) marking the valid steps, got {mask.dtype} values")
         mask = mask.to(device=device, dtype=torch.bool)
         return None if bool(mask.all()) else mask
     return None
