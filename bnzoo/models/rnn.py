@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..norms import make_norm, sequence_mask, with_packed_data
+from ..norms import is_distributed, make_norm, sequence_mask, with_packed_data
 from .layers import norm_has_bias
 from .registry import register_model
 
@@ -263,6 +263,13 @@ class PerStepNorm(nn.Module):
     ``forward(x: (N, C), step)`` normalizes ``x`` with ``steps[step]``. A single row in training has no batch
     statistics (the variance of one value is 0), so it is normalized with the running statistics, which it
     leaves unchanged.
+
+    Per-step statistics cannot be synchronized across processes (``NormSync``, ``convert_sync_norms``): every
+    step would be one collective call, and processes whose batches have different maximum lengths, or a step
+    that one process reaches with a single row (normalized without batch statistics, so without a
+    collective), make different numbers of them and deadlock. A training forward pass with synchronized
+    step norms on more than one process raises a RuntimeError instead, on every process, before any
+    collective call (:meth:`check_not_synchronized`).
     """
 
     def __init__(
@@ -291,8 +298,20 @@ class PerStepNorm(nn.Module):
                 for step_norm in self.steps[1:]:
                     setattr(step_norm, name, shared)
 
+    def check_not_synchronized(self, norm: nn.Module) -> None:
+        """Raise a RuntimeError if ``norm`` (one of the steps) would synchronize its statistics across processes."""
+        if getattr(norm, "synchronized", False) and norm.training and is_distributed(norm.process_group):
+            raise RuntimeError(
+                f"{type(self).__name__} (the BN-LSTM's per-step norms, {type(norm).__name__}) cannot be synchronized "
+                "across processes (NormSync / convert_sync_norms): each time step would be a separate collective "
+                "call, and processes with different sequence lengths would make different numbers of them and "
+                "deadlock. Train it without NormSync (each process normalizes its own batch), or undo the "
+                "conversion with bnzoo.plugins.revert_sync_norms"
+            )
+
     def forward(self, x: Tensor, step: int) -> Tensor:
         norm = self.steps[step]
+        self.check_not_synchronized(norm)
         if not (norm.training and x.shape[0] < 2):
             return norm(x)
         norm.train(False)
