@@ -149,6 +149,27 @@ def test_frozen_norm_is_fixed_and_equals_trained_batchnorm_inference() -> None:
     assert list(frozen[1].parameters()) == []
 
 
+@pytest.mark.parametrize("kind", ["bn", "renorm"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_freezing_keeps_the_layers_dtype(kind: str, dtype: torch.dtype) -> None:
+    # a float64 model failed after freeze_norms: the frozen copies were float32
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), make_norm(kind, 4)).to(dtype)
+    for _ in range(2):
+        model(torch.randn(8, 3, 5, 5, dtype=dtype) * 2 + 1)
+    model.eval()
+    x = torch.randn(2, 3, 5, 5, dtype=dtype)
+    expected = model(x)
+    frozen = freeze_norms(model)
+    assert {t.dtype for t in frozen[1].buffers()} == {dtype}
+    torch.testing.assert_close(frozen(x), expected)
+
+
+def test_freezing_a_batchnorm_without_running_statistics_is_refused() -> None:
+    # it normalizes with each batch's statistics in inference too: a frozen copy with mean 0, var 1 would not
+    with pytest.raises(ValueError, match="no running statistics.*track_running_stats=False"):
+        freeze_norms(nn.Sequential(make_norm("bn", 4, track_running_stats=False)))
+
+
 def test_frozen_accepts_batchnorm_state_dict() -> None:
     bn = nn.BatchNorm2d(4)
     bn(torch.randn(8, 4, 2, 2) + 3)

@@ -1,4 +1,4 @@
-"""Batch Renormalization against a float64 transcription of Ioffe 2017, Algorithm 1, written plainly here."""
+"""Batch Renormalization against a float64 transcription of Ioffe 2017, Algorithm 1 (tests/norm_reference.py)."""
 
 from __future__ import annotations
 
@@ -10,34 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from bnzoo.norms import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, make_norm
-
-
-class ReferenceRenorm:
-    """Ioffe 2017, Alg. 1 in float64 with autograd; keeps the running *standard deviation* sigma itself."""
-
-    def __init__(self, channels: int, eps: float, momentum: float, r_max: float, d_max: float) -> None:
-        self.mu = torch.zeros(channels, dtype=torch.float64)
-        self.sigma = torch.full((channels,), (1.0 + eps) ** 0.5, dtype=torch.float64)  # running_var = 1 at init
-        self.eps, self.momentum, self.r_max, self.d_max = eps, momentum, r_max, d_max
-        self.r = self.d = None
-
-    def train_step(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        dims = [0] + list(range(2, x.dim()))
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        mu_b = x.mean(dims)
-        sigma_b = (((x - mu_b.view(shape)) ** 2).mean(dims) + self.eps).sqrt()
-        r = (sigma_b.detach() / self.sigma).clamp(1 / self.r_max, self.r_max)
-        d = ((mu_b.detach() - self.mu) / self.sigma).clamp(-self.d_max, self.d_max)
-        x_hat = (x - mu_b.view(shape)) / sigma_b.view(shape) * r.view(shape) + d.view(shape)
-        y = gamma.view(shape) * x_hat + beta.view(shape)
-        self.mu = self.mu + self.momentum * (mu_b.detach() - self.mu)
-        self.sigma = self.sigma + self.momentum * (sigma_b.detach() - self.sigma)
-        self.r, self.d = r, d
-        return y
-
-    def infer(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        return gamma.view(shape) * (x - self.mu.view(shape)) / self.sigma.view(shape) + beta.view(shape)
+from tests.norm_reference import ReferenceRenorm
 
 
 def drifting_batches(steps: int, shape: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
@@ -208,19 +181,23 @@ def test_channels_last_matches_contiguous() -> None:
 
 
 def test_torch_compile_aot_eager_matches_eager() -> None:
+    # gamma's gradient was 1-10% off: the compiled backward recomputed d from the updated running mean
     torch.manual_seed(0)
     eager = nn.Sequential(nn.Conv2d(3, 4, 3), make_norm("renorm", 4, "2d", r_max=1.5, d_max=0.5), nn.ReLU())
     compiled_model = copy.deepcopy(eager)
+    torch._dynamo.reset()
     compiled = torch.compile(compiled_model, backend="aot_eager")
-    for _ in range(2):
+    for _ in range(3):
         x = torch.randn(4, 3, 8, 8) * 2 + 1
         y1, y2 = eager(x), compiled(x)
         y1.square().sum().backward()
         y2.square().sum().backward()
         torch.testing.assert_close(y1, y2)
-    torch.testing.assert_close(eager[0].weight.grad, compiled_model[0].weight.grad)
-    torch.testing.assert_close(eager[1].running_mean, compiled_model[1].running_mean)
-    torch.testing.assert_close(eager[1].running_var, compiled_model[1].running_var)
+        for (name, p1), p2 in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+            torch.testing.assert_close(p1.grad, p2.grad, msg=lambda m, name=name: f"{name}.grad: {m}")
+    for (name, b1), b2 in zip(eager.named_buffers(), compiled_model.buffers(), strict=True):
+        torch.testing.assert_close(b1, b2, msg=lambda m, name=name: f"{name}: {m}")
+    torch._dynamo.reset()
 
 
 def test_one_value_per_channel_gets_batchnorms_error() -> None:

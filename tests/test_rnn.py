@@ -7,6 +7,9 @@ Cooijmans et al. 2016, Eq. 6-8, with batch statistics written out as means and b
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -422,7 +425,7 @@ def test_bad_options_fail_at_construction(name: str, options: dict, error: type,
         ((B, T, F), torch.tensor([1, 2]), ValueError, r"lengths must have shape \(5,\)"),
         ((B, T, F), torch.tensor([7, 1, 1, 1, 1]), ValueError, r"lengths must lie in \[1, 6\]"),
         ((B, T, F), torch.tensor([0, 1, 1, 1, 1]), ValueError, r"lengths must lie in \[1, 6\]"),
-        ((B, T, F), torch.full((B,), 2.0), TypeError, "lengths must be an integer tensor"),
+        ((B, T, F), torch.full((B,), 2.0), TypeError, "lengths must be an integer tensor.*float32"),
     ],
 )
 def test_bad_inputs_fail_clearly(name: str, x_shape: tuple, lengths: Tensor | None, error: type, message: str) -> None:
@@ -466,3 +469,69 @@ def test_freezing_the_norms_keeps_inference(name: str) -> None:
     frozen = freeze_norms(model)
     assert not any(isinstance(m, _BatchNorm) for m in frozen.modules())
     torch.testing.assert_close(frozen.train()(x, LENGTHS), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BN-LSTM under NormSync: refused by name (per-step collectives would deadlock)
+
+SYNC_REFUSAL = r"PerStepNorm \(the BN-LSTM's per-step norms, Batch\w+\) cannot be synchronized across processes"
+
+
+def _bn_lstm(norm: str = "bn") -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("bn_lstm", norm=norm, input_size=F, hidden_size=4, max_steps=T)
+
+
+def tracked(model: nn.Module) -> dict[str, int]:
+    return {key: int(value) for key, value in model.state_dict().items() if key.endswith("num_batches_tracked")}
+
+
+@pytest.mark.parametrize("norm", ["bn", "renorm"])
+def test_synchronized_bn_lstm_is_refused_on_several_processes(norm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bnzoo.models.rnn as rnn
+    from bnzoo.plugins import convert_sync_norms
+
+    model = convert_sync_norms(_bn_lstm(norm))
+    x = torch.randn(B, T, F)
+    model(x, LENGTHS)  # one process: synchronizing is a no-op, nothing to refuse
+    counts = tracked(model)
+    monkeypatch.setattr(rnn, "is_distributed", lambda group=None: True)  # as if 2 processes were synchronized
+    with pytest.raises(RuntimeError, match=SYNC_REFUSAL):
+        model(x, LENGTHS)
+    assert tracked(model) == counts  # refused at the first step norm, before it counted anything
+    model.eval()(x, LENGTHS)  # inference synchronizes nothing: allowed
+
+
+def _shard(rank: int) -> tuple[Tensor, Tensor]:
+    """Each process's batch: unequal maximum lengths, so unequal numbers of per-step collectives."""
+    lengths = [torch.tensor([6, 3, 2]), torch.tensor([4, 1])][rank]
+    return torch.randn(len(lengths), T, F, generator=torch.Generator().manual_seed(rank)), lengths
+
+
+def _synchronized_bn_lstm_worker(rank: int, world_size: int) -> dict:
+    from bnzoo.plugins import convert_sync_norms
+
+    model = convert_sync_norms(_bn_lstm())
+    x, lengths = _shard(rank)
+    try:
+        model(x, lengths)
+        error = ""
+    except RuntimeError as raised:
+        error = str(raised)
+    with torch.no_grad():
+        return {"error": error, "eval": model.eval()(x, lengths)}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.xdist_group("distributed")
+def test_synchronized_bn_lstm_is_refused_on_two_gloo_processes(tmp_path: Path) -> None:
+    """Each process raises instead of deadlocking (rank 1's batch is shorter: it would make fewer per-step
+    all-reduces); inference, which synchronizes nothing, still runs and equals one process's."""
+    from tests.distributed import run_in_processes
+
+    for rank, result in enumerate(run_in_processes(_synchronized_bn_lstm_worker, 2, tmp_path)):
+        assert re.match(SYNC_REFUSAL, result["error"]), f"rank {rank}: {result['error']!r}"
+        x, lengths = _shard(rank)
+        with torch.no_grad():
+            torch.testing.assert_close(result["eval"], _bn_lstm().eval()(x, lengths))

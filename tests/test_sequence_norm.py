@@ -240,6 +240,29 @@ def test_bad_lengths_or_mask_raise_a_clear_error(kwargs: dict[str, Tensor], mess
         norm(torch.randn(B, T, C), **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lengths": torch.tensor([6.0, 2.5, 4.0, 1.0, 5.0])}, "lengths must be an integer tensor.*float32"),
+        ({"lengths": [6.0, 2.0, 4.0, 1.0, 5.0]}, "lengths must be an integer tensor.*float32"),
+        ({"lengths": torch.ones(B, dtype=torch.bool)}, "lengths must be an integer tensor.*bool"),
+        ({"mask": torch.full((B, T), 0.5)}, "mask must be bool.*float32"),
+        ({"mask": torch.full((B, T), 2)}, "mask must be bool.*int64"),
+    ],
+)
+def test_lengths_and_masks_that_are_not_integers_are_refused(kwargs: dict[str, Tensor], message: str) -> None:
+    # a length of 2.5 used to mark 3 steps valid, a mask of 0.5 every step: silently
+    with pytest.raises(TypeError, match=message):
+        make_norm("bn", C, "seq")(torch.randn(B, T, C), **kwargs)
+
+
+def test_an_integer_mask_of_zeros_and_ones_is_a_mask() -> None:
+    x = torch.randn(B, T, C)
+    mask = valid_mask(LENGTHS, T)
+    norm = make_norm("bn", C, "seq")
+    torch.testing.assert_close(norm(x, mask=mask.long()), copy.deepcopy(norm)(x, mask=mask))
+
+
 @pytest.mark.parametrize("shape", [(B, T, C + 1), (B * T, C), (B, T, C, 1)])
 def test_bad_input_shape_raises_a_clear_error(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match=rf"expects \(batch, time, {C}\) inputs"):

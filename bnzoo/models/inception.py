@@ -30,7 +30,7 @@ from .layers import (
     check_image_options,
     init_kaiming_,
     norm_has_bias,
-    timm_norm_act_layer,
+    timm_norm_layer,
 )
 from .registry import register_model
 
@@ -287,7 +287,7 @@ def timm_inception_v3(
         num_classes=num_classes,
         in_chans=in_chans,
         aux_logits=aux_logits,
-        norm_layer=timm_norm_act_layer(norm, norm_options),
+        norm_layer=timm_norm_layer(norm, norm_options),
     )
     if norm == "none":
         for layer in model.modules():

@@ -7,22 +7,20 @@
 * :class:`SkipInit`: a learnable scalar gain on a residual branch, initialized to zero (De & Smith 2020);
   :func:`zero_norm_weight_`: the other way to start a residual branch at zero (Goyal et al. 2017).
 * :func:`init_kaiming_`: the He et al. 2015 (Eq. 10) initialization used by the zoo's own models.
-* :func:`timm_norm_layer` / :func:`timm_norm_act_layer`: bnzoo's norm factory in the form timm's constructors
-  accept.
+* :func:`timm_norm_layer`: bnzoo's norm factory in the form timm's constructors accept (norm, or norm +
+  activation).
 * ``check_*``: construction-time validation with messages that name the bad value and the valid choices.
 """
 
 from __future__ import annotations
 
-import functools
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bnzoo.norms import NormLayer, make_norm, norm_layer
+from bnzoo.norms import make_norm, norm_layer
 
 __all__ = [
     "ACTIVATIONS",
@@ -34,7 +32,6 @@ __all__ = [
     "init_kaiming_",
     "make_activation",
     "norm_has_bias",
-    "timm_norm_act_layer",
     "timm_norm_layer",
     "zero_norm_weight_",
 ]
@@ -179,39 +176,11 @@ class SkipInit(nn.Module):
 
 
 def timm_norm_layer(norm: str, norm_options: dict[str, Any] | None = None) -> Callable[..., nn.Module]:
-    """bnzoo's 2d norm as a ``norm_layer`` argument of timm's CNN constructors (ResNet, ...).
+    """bnzoo's 2d norm as a ``norm_layer`` argument of timm's CNN constructors: :func:`bnzoo.norms.norm_layer`.
 
-    :func:`bnzoo.norms.norm_layer` is a keyword-only ``functools.partial``, which timm's ``get_norm_layer``
-    accepts; it builds each layer with :func:`bnzoo.norms.make_norm`, dropping keyword arguments such as
-    ``device`` that the kind does not take. An unknown kind or option fails here.
+    It serves both kinds of timm constructor: those that call it as a norm (ResNet) and those that ask
+    ``get_norm_act_layer`` for a norm + activation layer (``ConvNormAct`` in Inception-v3, EfficientNet, ...),
+    where each layer gets timm's activation after the norm, as ``BatchNormAct2d`` does
+    (:class:`bnzoo.norms.KindLayer`). An unknown kind or option fails here.
     """
     return norm_layer(norm, "2d", **(norm_options or {}))
-
-
-def _norm_act(
-    num_features: int,
-    *,
-    norm: NormLayer,
-    activation: str,
-    apply_act: bool = True,
-    act_kwargs: dict[str, Any] | None = None,
-    **norm_kwargs: Any,
-) -> nn.Module:
-    # timm passes act_kwargs (e.g. inplace=True) meant for its own activation classes; ours need none.
-    act = make_activation(activation) if apply_act else nn.Identity()
-    return nn.Sequential(OrderedDict(norm=norm(num_features, **norm_kwargs), act=act))
-
-
-def timm_norm_act_layer(
-    norm: str, norm_options: dict[str, Any] | None = None, activation: str = "relu"
-) -> Callable[..., nn.Module]:
-    """bnzoo's 2d norm followed by ``activation``, as the ``norm_layer`` of timm's ``ConvNormAct``.
-
-    ``ConvNormAct`` (used by timm's Inception-v3 for every convolution, its auxiliary head's included) asks
-    ``get_norm_act_layer`` for a combined norm + activation; a plain function (here in a ``partial``) is taken
-    to build one. It is called as ``f(num_features, apply_act=..., act_kwargs=..., eps=..., device=...,
-    dtype=...)``; ``eps`` reaches the norm when its kind accepts one. The module made has children ``norm``
-    and ``act``.
-    """
-    check_choice("activation", activation, ACTIVATIONS)
-    return functools.partial(_norm_act, norm=norm_layer(norm, "2d", **(norm_options or {})), activation=activation)

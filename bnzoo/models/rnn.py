@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..norms import make_norm, sequence_mask
+from ..norms import is_distributed, make_norm, sequence_mask, with_packed_data
+from .layers import norm_has_bias
 from .registry import register_model
 
 __all__ = [
@@ -93,11 +94,6 @@ def _check_norm_options(norm_options: Any) -> dict[str, Any]:
     return dict(norm_options)
 
 
-def _has_learned_shift(norm: nn.Module) -> bool:
-    """Whether ``norm`` adds a learned per-feature shift (a ``bias`` parameter), which makes a bias moot."""
-    return isinstance(getattr(norm, "bias", None), nn.Parameter)
-
-
 Steps = Tensor | PackedSequence  # a batch of sequences: (B, T, C) with every step valid, or packed
 
 
@@ -114,8 +110,7 @@ def _map_steps(fn: Callable[[Tensor], Tensor], steps: Steps) -> Steps:
     gathering and scattering of the valid steps around the norm: its data already *are* the valid steps.
     """
     if isinstance(steps, PackedSequence):
-        data = fn(steps.data.unsqueeze(0)).squeeze(0)
-        return PackedSequence(data, steps.batch_sizes, steps.sorted_indices, steps.unsorted_indices)
+        return with_packed_data(steps, fn(steps.data.unsqueeze(0)).squeeze(0))
     return fn(steps)
 
 
@@ -232,8 +227,7 @@ class SequenceWiseNormRNN(nn.Module):
             rnn_class = nn.LSTM if cell == "lstm" else nn.GRU
             self.rnn = rnn_class(input_size, hidden_size, batch_first=True, bidirectional=self.bidirectional)
         else:
-            has_shift = _has_learned_shift(norm_layer)
-            self.input_proj = nn.Linear(input_size, input_channels, bias=not has_shift)
+            self.input_proj = nn.Linear(input_size, input_channels, bias=not norm_has_bias(norm_layer))
             self.norm = norm_layer
             self.rnn = FixedInputRecurrence(cell, hidden_size, self.bidirectional)
 
@@ -269,6 +263,13 @@ class PerStepNorm(nn.Module):
     ``forward(x: (N, C), step)`` normalizes ``x`` with ``steps[step]``. A single row in training has no batch
     statistics (the variance of one value is 0), so it is normalized with the running statistics, which it
     leaves unchanged.
+
+    Per-step statistics cannot be synchronized across processes (``NormSync``, ``convert_sync_norms``): every
+    step would be one collective call, and processes whose batches have different maximum lengths, or a step
+    that one process reaches with a single row (normalized without batch statistics, so without a
+    collective), make different numbers of them and deadlock. A training forward pass with synchronized
+    step norms on more than one process raises a RuntimeError instead, on every process, before any
+    collective call (:meth:`check_not_synchronized`).
     """
 
     def __init__(
@@ -297,8 +298,20 @@ class PerStepNorm(nn.Module):
                 for step_norm in self.steps[1:]:
                     setattr(step_norm, name, shared)
 
+    def check_not_synchronized(self, norm: nn.Module) -> None:
+        """Raise a RuntimeError if ``norm`` (one of the steps) would synchronize its statistics across processes."""
+        if getattr(norm, "synchronized", False) and norm.training and is_distributed(norm.process_group):
+            raise RuntimeError(
+                f"{type(self).__name__} (the BN-LSTM's per-step norms, {type(norm).__name__}) cannot be synchronized "
+                "across processes (NormSync / convert_sync_norms): each time step would be a separate collective "
+                "call, and processes with different sequence lengths would make different numbers of them and "
+                "deadlock. Train it without NormSync (each process normalizes its own batch), or undo the "
+                "conversion with bnzoo.plugins.revert_sync_norms"
+            )
+
     def forward(self, x: Tensor, step: int) -> Tensor:
         norm = self.steps[step]
+        self.check_not_synchronized(norm)
         if not (norm.training and x.shape[0] < 2):
             return norm(x)
         norm.train(False)
@@ -450,9 +463,7 @@ class RecurrentClassifier(nn.Module):
         if lengths is None:
             return None
         lengths = torch.as_tensor(lengths)
-        if torch.is_floating_point(lengths) or lengths.dtype == torch.bool:
-            raise TypeError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
-        if sequence_mask(x.shape[0], x.shape[1], lengths=lengths) is None:  # validates shape and range
+        if sequence_mask(x.shape[0], x.shape[1], lengths=lengths) is None:  # validates dtype, shape and range
             return None
         return lengths.to(device="cpu", dtype=torch.long)
 

@@ -7,8 +7,20 @@ BatchRenorm2d(64, eps=1e-05, momentum=0.01, affine=True, bias=True, track_runnin
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .channel import ChannelGroupNorm, ChannelLayerNorm, default_num_groups
-from .factory import BUILTIN_NORMS, LAYOUTS, NormLayer, describe_norms, list_norms, make_norm, norm_layer, register_norm
+from .factory import (
+    BUILTIN_NORMS,
+    LAYOUTS,
+    KindLayer,
+    NormLayer,
+    describe_norms,
+    list_norms,
+    make_norm,
+    norm_layer,
+    register_norm,
+    register_with_timm,
+)
 from .frozen import FrozenBatchNorm, freeze_norms
+from .norm_act import NormAct, create_activation, with_activation
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, batch_renorm_corrections
 from .sequence import (
     SequenceBatchNorm,
@@ -20,6 +32,7 @@ from .sequence import (
     SequenceNorm,
     lengths_to_mask,
     sequence_mask,
+    with_packed_data,
 )
 from .sync import SyncableNorm, all_reduce_sum, global_batch_moments, is_distributed, normalize_with_moments
 
@@ -35,6 +48,8 @@ __all__ = [
     "ChannelGroupNorm",
     "ChannelLayerNorm",
     "FrozenBatchNorm",
+    "KindLayer",
+    "NormAct",
     "NormLayer",
     "SequenceBatchNorm",
     "SequenceBatchRenorm",
@@ -46,6 +61,7 @@ __all__ = [
     "SyncableNorm",
     "all_reduce_sum",
     "batch_renorm_corrections",
+    "create_activation",
     "default_num_groups",
     "describe_norms",
     "freeze_norms",
@@ -57,5 +73,8 @@ __all__ = [
     "norm_layer",
     "normalize_with_moments",
     "register_norm",
+    "register_with_timm",
     "sequence_mask",
+    "with_activation",
+    "with_packed_data",
 ]

@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .sync import SyncableNorm, global_batch_moments, normalize_with_moments
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "check_norm_args", "update_rate"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "check_channels", "check_norm_args", "update_rate"]
 
 
 def check_norm_args(num_features: Any, eps: Any, momentum: Any) -> None:
@@ -27,8 +27,19 @@ def check_norm_args(num_features: Any, eps: Any, momentum: Any) -> None:
     if momentum is not None and (
         isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0
     ):
+        raise ValueError(f"momentum must be in (0, 1] (or None for a cumulative average), got {momentum!r}")
+
+
+def check_channels(layer: nn.Module, input: Tensor) -> None:
+    """Raise a ValueError naming the shape unless ``input`` is (N, layer.num_features, *).
+
+    Every channel norm checks this before its kernel: a native kernel given too many channels may read and
+    write past per-channel buffers instead of failing.
+    """
+    channels = layer.num_features
+    if input.dim() < 2 or input.shape[1] != channels:
         raise ValueError(
-            f"momentum must be in (0, 1] (or None for a cumulative average), got {momentum!r}"
+            f"{type(layer).__name__}({channels}) expects an input of shape (N, {channels}, *), got {tuple(input.shape)}"
         )
 
 
@@ -60,13 +71,12 @@ class _SyncableBatchNorm(SyncableNorm, _BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
+        check_channels(self, input)  # before torch's BatchNorm counts the batch in num_batches_tracked
         if not self._sync_active():
             return super().forward(input)
         self._check_input_dim(input)
         track = self.track_running_stats and self.running_mean is not None
-        mean, var, count = global_batch_moments(
-            input, self.running_mean if track else None, self.process_group
-        )
+        mean, var, count = global_batch_moments(input, self.running_mean if track else None, self.process_group)
         if track:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batchnorm import check_norm_args
+from .batchnorm import check_channels, check_norm_args
 
 __all__ = ["ChannelGroupNorm", "ChannelLayerNorm", "default_num_groups"]
 
@@ -26,11 +26,7 @@ class ChannelLayerNorm(nn.LayerNorm):
         self.num_features = num_features
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() < 2 or input.shape[1] != self.normalized_shape[0]:
-            raise ValueError(
-                f"ChannelLayerNorm({self.normalized_shape[0]}) expects an input of shape "
-                f"(N, {self.normalized_shape[0]}, *), got {tuple(input.shape)}"
-            )
+        check_channels(self, input)
         if input.dim() == 2:
             return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         moved = input.movedim(1, -1)
@@ -56,8 +52,6 @@ class ChannelGroupNorm(nn.GroupNorm):
             raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
         if num_features % num_groups:
             divisors = [g for g in range(1, num_features + 1) if num_features % g == 0]
-            raise ValueError(
-                f"num_groups={num_groups} does not divide num_features={num_features}; valid: {divisors}"
-            )
+            raise ValueError(f"num_groups={num_groups} does not divide num_features={num_features}; valid: {divisors}")
         super().__init__(num_groups, num_features, eps=eps, affine=affine)
         self.num_features = num_features

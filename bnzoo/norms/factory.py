@@ -21,6 +21,8 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,7 @@ from torch import nn
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, check_norm_args
 from .channel import ChannelGroupNorm, ChannelLayerNorm, default_num_groups
 from .frozen import FrozenBatchNorm
+from .norm_act import create_activation, with_activation
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .sequence import (
     SequenceBatchNorm,
@@ -40,7 +43,18 @@ from .sequence import (
     SequenceLayerNorm,
 )
 
-__all__ = ["BUILTIN_NORMS", "LAYOUTS", "NormLayer", "list_norms", "make_norm", "norm_layer", "register_norm"]
+__all__ = [
+    "BUILTIN_NORMS",
+    "LAYOUTS",
+    "NORM_ACT_ARGUMENTS",
+    "KindLayer",
+    "NormLayer",
+    "list_norms",
+    "make_norm",
+    "norm_layer",
+    "register_norm",
+    "register_with_timm",
+]
 
 LAYOUTS: tuple[str, ...] = ("1d", "2d", "3d", "seq")
 
@@ -140,27 +154,79 @@ def _check_options(spec: _NormKind, options: dict[str, Any]) -> None:
 #: what :func:`norm_layer` returns: ``f(num_features, **model_kwargs) -> nn.Module``
 NormLayer = Callable[..., nn.Module]
 
+#: the arguments of timm's norm + activation layers (``BatchNormAct2d``): their presence asks for one
+NORM_ACT_ARGUMENTS: tuple[str, ...] = ("act_layer", "apply_act", "act_kwargs", "inplace", "drop_layer")
 
-def _build_for_model(
-    num_features: int, *, kind: str, layout: str, options: dict[str, Any], **model_kwargs: Any
-) -> nn.Module:
-    accepted = _KINDS[kind].options
-    merged = {k: v for k, v in model_kwargs.items() if k in accepted}
-    merged.update(options)
-    return make_norm(kind, num_features, layout, **merged)
+
+class KindLayer:
+    """The callable behind :func:`norm_layer`: ``KindLayer(num_features, kind=..., layout=..., options=...,
+    **model_kwargs)`` *returns the norm layer* (``__new__`` builds it; no ``KindLayer`` is ever made).
+
+    It is a type, not a function, because timm's ``get_norm_act_layer`` passes the model's ``act_layer`` only
+    to the norm + activation *types* it knows; :func:`register_with_timm` adds this one. Called
+
+    * as a plain norm layer (``f(num_features, eps=..., device=..., dtype=...)``: timm's ResNet, torchvision):
+      ``make_norm(kind, num_features, layout, ...)``, with the model's keyword arguments that the kind accepts
+      (``eps``, ``momentum``, ...) under the user's ``options``, on ``device`` / in ``dtype``;
+    * as a norm + activation layer (any of :data:`NORM_ACT_ARGUMENTS` given: timm's EfficientNet, MobileNet,
+      RegNet, Inception-v3, ...): that norm, then ``drop_layer()`` and timm's activation, exactly as timm's
+      ``BatchNormAct2d`` (:func:`bnzoo.norms.norm_act.with_activation`).
+    """
+
+    def __new__(  # type: ignore[misc]
+        cls, num_features: int, *, kind: str, layout: str, options: dict[str, Any], **model_kwargs: Any
+    ) -> nn.Module:
+        norm_act = {key: model_kwargs.pop(key) for key in NORM_ACT_ARGUMENTS if key in model_kwargs}
+        placement = {key: value for key in ("device", "dtype") if (value := model_kwargs.pop(key, None)) is not None}
+        accepted = _KINDS[kind].options
+        merged = {key: value for key, value in model_kwargs.items() if key in accepted}
+        merged.update(options)
+        layer = make_norm(kind, num_features, layout, **merged)
+        if placement:
+            layer = layer.to(**placement)
+        if not norm_act:
+            return layer
+        drop_layer = norm_act.pop("drop_layer", None)
+        act = create_activation(norm_act.pop("act_layer", None), **norm_act)
+        return with_activation(layer, act, drop_layer() if drop_layer is not None else None)
+
+
+def register_with_timm() -> bool:
+    """Make timm's ``get_norm_act_layer`` treat :class:`KindLayer` as a norm + activation layer that takes
+    ``act_layer`` (as it treats its own ``BatchNormAct2d``). Returns False, with a warning, if this timm has
+    no such registry (its CNNs would then build bnzoo's norms without their activations)."""
+    try:
+        from timm.layers import create_norm_act
+    except ImportError:
+        return False
+    registries = [getattr(create_norm_act, name, None) for name in ("_NORM_ACT_TYPES", "_NORM_ACT_REQUIRES_ARG")]
+    if not all(isinstance(registry, set) for registry in registries):
+        warnings.warn(
+            "timm.layers.create_norm_act has no _NORM_ACT_TYPES/_NORM_ACT_REQUIRES_ARG sets in this timm version: "
+            "bnzoo's norm_layer cannot receive timm's act_layer, and timm models that combine norm and activation "
+            "layers would lose their activations",
+            stacklevel=2,
+        )
+        return False
+    for registry in registries:
+        registry.add(KindLayer)
+    return True
 
 
 def norm_layer(kind: str, layout: str = "2d", **options: Any) -> NormLayer:
     """A ``norm_layer(num_features)`` callable of one kind, for constructors that take a norm *class*
     (``timm.create_model(..., norm_layer=norm_layer("renorm", r_max=2.0))``, torchvision's models).
 
-    It is a ``functools.partial`` with keyword arguments only, which timm accepts (and rebinds) and which
-    pickles. Keyword arguments that the model's code passes and the kind does not accept (e.g. timm's ``eps``
-    for ``none``) are dropped; the user's own ``options`` are validated here, not deep inside a model.
+    It is a ``functools.partial`` of :class:`KindLayer` with keyword arguments only, which timm accepts (and
+    rebinds) and which pickles. Where timm asks for a norm + activation layer it gets one, with the network's
+    own activation (see :class:`KindLayer`). Keyword arguments that the model's code passes and the kind does
+    not accept (e.g. timm's ``eps`` for ``none``) are dropped; the user's own ``options`` are validated here,
+    not deep inside a model.
     """
     _check_options(_lookup(kind), options)
     _check_layout(layout)
-    return functools.partial(_build_for_model, kind=kind, layout=layout, options=dict(options))
+    register_with_timm()
+    return functools.partial(KindLayer, kind=kind, layout=layout, options=dict(options))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,3 +295,6 @@ def _build_frozen(num_features: int, layout: str, *, eps: float = 1e-5) -> nn.Mo
 BUILTIN_NORMS: tuple[str, ...] = tuple(list_norms())
 """The kinds bnzoo ships; :func:`list_norms` also lists those registered later (by users, or by
 :mod:`bnzoo.experiments`)."""
+
+if "timm" in sys.modules:  # e.g. a pickled norm_layer loaded in a process that already uses timm
+    register_with_timm()

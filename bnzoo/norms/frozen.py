@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .batchnorm import check_norm_args
+from .batchnorm import check_channels, check_norm_args
 
 __all__ = ["FrozenBatchNorm", "freeze_norms"]
 
@@ -29,25 +29,20 @@ class FrozenBatchNorm(nn.Module):
     running_mean: Tensor
     running_var: Tensor
 
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: Any = None) -> None:
         check_norm_args(num_features, eps, None)
         super().__init__()
         self.num_features = num_features
         self.eps = float(eps)
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() < 2 or input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) expects an input of shape (N, {self.num_features}, *), "
-                f"got {tuple(input.shape)}"
-            )
-        return F.batch_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-        )
+        check_channels(self, input)
+        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool, *args: Any
@@ -60,29 +55,40 @@ class FrozenBatchNorm(nn.Module):
 
     @classmethod
     def from_batchnorm(cls, bn: _BatchNorm) -> FrozenBatchNorm:
-        """A frozen copy of a BatchNorm-like layer's statistics and affine parameters."""
-        frozen = cls(bn.num_features, bn.eps)
+        """A frozen copy of a BatchNorm-like layer's running statistics and affine parameters, on the layer's
+        device and in its dtype. A layer without running statistics (``track_running_stats=False``) normalizes
+        with batch statistics in inference too: it has nothing to freeze, and is refused."""
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(
+                f"cannot freeze {type(bn).__name__}({bn.num_features}): it has no running statistics "
+                "(track_running_stats=False), so inference uses each batch's own statistics"
+            )
+        frozen = cls(bn.num_features, bn.eps, device=bn.running_mean.device, dtype=bn.running_mean.dtype)
         with torch.no_grad():
             if bn.affine:
                 frozen.weight.copy_(bn.weight)
                 frozen.bias.copy_(bn.bias)
-            if bn.running_mean is not None:
-                frozen.running_mean.copy_(bn.running_mean)
-                frozen.running_var.copy_(bn.running_var)
-        return frozen.to(bn.running_mean.device if bn.running_mean is not None else "cpu")
+            frozen.running_mean.copy_(bn.running_mean)
+            frozen.running_var.copy_(bn.running_var)
+        return frozen
 
 
 def freeze_norms(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm-like layer (``bn``, ``renorm``, their sequence variants) of ``module`` by a frozen
     copy: :class:`FrozenBatchNorm`, or ``SequenceFrozenBatchNorm`` for the (batch, time, features) layers.
 
-    Returns the converted module (a new object when ``module`` itself is such a layer).
+    A norm + activation layer (bnzoo's :func:`~bnzoo.norms.norm_act.with_activation`, timm's ``BatchNormAct2d``)
+    stays one: the frozen copy keeps its ``drop`` and ``act``. Returns the converted module (a new object when
+    ``module`` itself is such a layer).
     """
+    from .norm_act import activation_of, with_activation
     from .sequence import SequenceFrozenBatchNorm, SequenceNorm
 
     if isinstance(module, _BatchNorm):
         frozen_class = SequenceFrozenBatchNorm if isinstance(module, SequenceNorm) else FrozenBatchNorm
-        return frozen_class.from_batchnorm(module)
+        frozen = frozen_class.from_batchnorm(module)
+        extras = activation_of(module)
+        return frozen if extras is None else with_activation(frozen, act=extras[1], drop=extras[0])
     for name, child in module.named_children():
         converted = freeze_norms(child)
         if converted is not child:

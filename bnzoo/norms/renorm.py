@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .batchnorm import check_norm_args, update_rate
+from .batchnorm import check_channels, check_norm_args, update_rate
+from .opaque import call_opaque
 from .sync import SyncableNorm, global_batch_moments, normalize_with_moments
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "batch_renorm_corrections"]
@@ -52,6 +53,51 @@ def batch_renorm_corrections(
     return r, d
 
 
+def _renorm_step(
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    momentum: float | None,
+    eps: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One training step of Batch Renorm's statistics (Ioffe 2017, Alg. 1), given the batch moments.
+
+    Returns ``(r, d, 1 / sigma_B)`` and updates, in place, ``num_batches_tracked`` and the running statistics:
+    ``mu <- mu + alpha (mu_B - mu)`` and ``sigma <- sigma + alpha (sigma_B - sigma)``, stored as
+    ``running_var = sigma^2 - eps``. r and d are computed from the running statistics *before* the update.
+
+    This is the only place that reads the running buffers in training mode. Under ``torch.compile`` it runs as
+    the opaque operator ``torch.ops.bnzoo.renorm_step`` (see :mod:`bnzoo.norms.opaque`): otherwise the backward
+    graph may recompute r or d from the running buffers after this step updated them, which gave gamma a wrong
+    gradient.
+    """
+    # sigma_B and sigma as one (2, C) tensor, and the running updates as one foreach op: the per-channel work is
+    # a handful of tiny kernels whose launch cost, not their arithmetic, is what shows
+    stds = torch.stack((batch_var, running_var)).add_(eps).sqrt_()
+    batch_std, running_std = stds[0], stds[1]
+    r, d = batch_renorm_corrections(batch_mean, batch_std, running_mean, running_std, r_max, d_max)
+    invstd = batch_std.reciprocal()
+    num_batches_tracked.add_(1)
+    rate = update_rate(momentum, num_batches_tracked)
+    torch._foreach_lerp_([running_mean, running_std], [batch_mean, batch_std], rate)
+    torch.mul(running_std, running_std, out=running_var).sub_(eps)
+    return r, d, invstd
+
+
+_renorm_step_op = torch.library.custom_op(
+    "bnzoo::renorm_step", _renorm_step, mutates_args=("running_mean", "running_var", "num_batches_tracked")
+)
+
+
+@_renorm_step_op.register_fake
+def _renorm_step_fake(batch_mean: Tensor, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(batch_mean), torch.empty_like(batch_mean), torch.empty_like(batch_mean)
+
+
 class _BatchRenormFunction(torch.autograd.Function):
     """Batch Renorm's training output and gradients, given the batch moments and the corrections r and d.
 
@@ -62,6 +108,11 @@ class _BatchRenormFunction(torch.autograd.Function):
     exactly as in BatchNorm (Ioffe & Szegedy 2015, Sec. 3) while r and d are constants (Ioffe 2017, Alg. 1);
     then ``dL/dgamma = dL/dw' * r + dL/db' * d`` and ``dL/dbeta = dL/db'``. Folding gamma and beta inside
     keeps the autograd graph to one node, as BatchNorm's.
+
+    The backward is itself differentiable (double backward, e.g. gradient penalties): ``w' = gamma * r`` is
+    formed from the saved gamma inside it, and ``native_batch_norm_backward`` has torch's BatchNorm double
+    backward as its derivative, so second derivatives reach x, gamma and the incoming gradient as for
+    BatchNorm with weight ``w'``.
     """
 
     @staticmethod
@@ -77,22 +128,19 @@ class _BatchRenormFunction(torch.autograd.Function):
         invstd: Tensor,
         eps: float,
     ) -> Tensor:
-        if gamma is None:
-            weight, bias = r, d
-        else:
-            weight, bias = gamma * r, torch.addcmul(beta, gamma, d)
-        ctx.save_for_backward(x, weight, mean, invstd, r, d)
+        weight, bias = _folded_affine(gamma, beta, r, d)
+        ctx.save_for_backward(x, gamma, mean, invstd, r, d)
         ctx.eps = eps
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, mean, invstd, r, d = ctx.saved_tensors
+        x, gamma, mean, invstd, r, d = ctx.saved_tensors
         affine = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad_out.contiguous(memory_format=_memory_format(x)),
             x,
-            weight,
+            r if gamma is None else gamma * r,
             None,
             None,
             mean,
@@ -104,6 +152,13 @@ class _BatchRenormFunction(torch.autograd.Function):
         grad_gamma = torch.addcmul(grad_w * r, grad_b, d) if ctx.needs_input_grad[1] else None
         grad_beta = grad_b if ctx.needs_input_grad[2] else None
         return grad_x, grad_gamma, grad_beta, None, None, None, None, None, None
+
+
+def _folded_affine(gamma: Tensor | None, beta: Tensor | None, r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """BatchNorm's weight and bias that give Batch Renorm's output: ``gamma * r`` and ``beta + gamma * d``."""
+    if gamma is None or beta is None:
+        return r, d
+    return gamma * r, torch.addcmul(beta, gamma, d)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -156,6 +211,7 @@ class _BatchRenorm(SyncableNorm, _BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        check_channels(self, input)
         if not self.training:
             return F.batch_norm(
                 input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
@@ -170,18 +226,19 @@ class _BatchRenorm(SyncableNorm, _BatchNorm):
                 # Passing the float32 running buffers with momentum 0 leaves them unchanged and makes the
                 # kernel return float32 moments for bf16/fp16 inputs.
                 mean, var = torch.batch_norm_update_stats(input, self.running_mean, self.running_var, 0.0)
-        with torch.no_grad():
-            # sigma_B and sigma as one (2, C) tensor, and the running updates as one foreach op: per-channel
-            # work is a handful of tiny kernels whose launch cost, not their arithmetic, is what shows
-            stds = torch.stack((var.detach(), self.running_var)).add_(self.eps).sqrt_()
-            batch_std, running_std = stds[0], stds[1]
-            r, d = batch_renorm_corrections(
-                mean.detach(), batch_std, self.running_mean, running_std, self.r_max, self.d_max
-            )
-            self.num_batches_tracked.add_(1)
-            rate = update_rate(self.momentum, self.num_batches_tracked)
-            torch._foreach_lerp_([self.running_mean, running_std], [mean.detach(), batch_std], rate)
-            torch.mul(running_std, running_std, out=self.running_var).sub_(self.eps)  # stores sigma^2 - eps
+        r, d, invstd = call_opaque(
+            _renorm_step_op,
+            _renorm_step,
+            mean.detach(),
+            var.detach(),
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.momentum,
+            self.eps,
+            self.r_max,
+            self.d_max,
+        )
         if self.record_corrections:
             self.last_r, self.last_d = r, d
         if synced:
@@ -189,13 +246,9 @@ class _BatchRenorm(SyncableNorm, _BatchNorm):
         if input.dim() == 2:
             # (N, C): the moments are cheap to recompute here, and BatchNorm's own training kernel and C++
             # autograd node beat the Python-level Function (measured in benchmarks/norms.py)
-            weight, bias = (
-                (r, d) if self.weight is None else (self.weight * r, torch.addcmul(self.bias, self.weight, d))
-            )
+            weight, bias = _folded_affine(self.weight, self.bias, r, d)
             return F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
-        return _BatchRenormFunction.apply(
-            input, self.weight, self.bias, r, d, mean, var, batch_std.reciprocal(), self.eps
-        )
+        return _BatchRenormFunction.apply(input, self.weight, self.bias, r, d, mean, var, invstd, self.eps)
 
 
 def _check_bounds(r_max: Any, d_max: Any) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "SequenceNorm",
     "lengths_to_mask",
     "sequence_mask",
+    "with_packed_data",
 ]
 
 
@@ -46,17 +47,32 @@ def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
     return steps.unsqueeze(0) < lengths.to(steps.device).unsqueeze(1)
 
 
+def with_packed_data(packed: PackedSequence, data: Tensor) -> PackedSequence:
+    """``packed`` with its data replaced by ``data`` (same rows, e.g. normalized).
+
+    Built with the constructor: ``packed._replace(data=...)`` returns an *empty* tuple under ``torch.compile``
+    (torch 2.14), which fails far away, in whatever unpacks it.
+    """
+    return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+
+
 def sequence_mask(
     batch: int, steps: int, lengths: Tensor | None = None, mask: Tensor | None = None, device: Any = None
 ) -> Tensor | None:
     """The (B, T) validity mask from ``lengths`` or ``mask``, or None when every step is valid.
 
-    Raises a ValueError naming the bad shape or value, rather than an indexing error deep in torch.
+    Raises a ValueError naming the bad shape or value, rather than an indexing error deep in torch, and a
+    TypeError for lengths that are not integers (a float length would be rounded up silently) or a mask that
+    is neither bool nor 0/1 integers.
     """
     if lengths is not None and mask is not None:
         raise ValueError("pass either lengths or mask, not both")
     if lengths is not None:
         lengths = torch.as_tensor(lengths, device=device)
+        if torch.is_floating_point(lengths) or torch.is_complex(lengths) or lengths.dtype == torch.bool:
+            raise TypeError(
+                f"lengths must be an integer tensor (valid steps per sequence), got dtype {lengths.dtype}"
+            )
         if lengths.shape != (batch,):
             raise ValueError(f"lengths must have shape ({batch},), got {tuple(lengths.shape)}")
         lo, hi = int(lengths.min()), int(lengths.max())
@@ -68,6 +84,8 @@ def sequence_mask(
     if mask is not None:
         if mask.shape != (batch, steps):
             raise ValueError(f"mask must have shape ({batch}, {steps}), got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool and (mask.is_floating_point() or bool(((mask != 0) & (mask != 1)).any())):
+            raise TypeError(f"mask must be bool (or integers 0 and 1) marking the valid steps, got {mask.dtype} values")
         mask = mask.to(device=device, dtype=torch.bool)
         return None if bool(mask.all()) else mask
     return None
@@ -89,7 +107,7 @@ class SequenceNorm:
                     f"{type(self).__name__}({self.num_features}) expects packed data of shape "
                     f"(M, {self.num_features}), got {tuple(x.data.shape)}"
                 )
-            return x._replace(data=super().forward(x.data))  # type: ignore[misc]
+            return with_packed_data(x, super().forward(x.data))  # type: ignore[misc]
         if x.dim() != 3 or x.shape[-1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) expects (batch, time, {self.num_features}) "

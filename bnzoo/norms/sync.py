@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .opaque import snapshot
+
 __all__ = [
     "SyncableNorm",
     "all_reduce_sum",
@@ -49,9 +51,9 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        # the sum's derivative is the sum: through all_reduce_sum, the backward is differentiable in turn
+        # (double backward: gradient penalties)
+        return all_reduce_sum(grad, ctx.group), None
 
 
 def all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:
@@ -73,9 +75,7 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view(1, -1, *([1] * (ndim - 2)))
 
 
-def global_batch_moments(
-    x: Tensor, shift: Tensor | None = None, group: Any = None
-) -> tuple[Tensor, Tensor, Tensor]:
+def global_batch_moments(x: Tensor, shift: Tensor | None = None, group: Any = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel mean, *biased* variance and count of ``x`` (N, C, *) over all processes of ``group``.
 
     Each process contributes its count ``n_p``, ``sum(x - K)`` and ``sum((x - K)^2)``, where the shift ``K`` is
@@ -83,15 +83,15 @@ def global_batch_moments(
     mean keeps ``E[(x-K)^2] - E[x-K]^2`` accurate in float32. The three are reduced in *one* all-reduce.
     Then ``mean = K + S1/n`` and ``var = S2/n - (S1/n)^2`` (Ioffe & Szegedy 2015, Alg. 1, over the union of
     the processes' mini-batches). Statistics are computed in float32 for reduced-precision inputs.
-    Differentiable with respect to ``x``.
+    Differentiable with respect to ``x``. The shift is read through :func:`~bnzoo.norms.opaque.snapshot`: a
+    compiled backward pass would otherwise recompute ``x - K`` from a running mean updated in the meantime.
     """
     if x.dim() < 2:
         raise ValueError(f"expected an input of shape (N, C, *), got shape {tuple(x.shape)}")
     num_channels = x.shape[1]
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     dims = [0, *range(2, x.dim())]
-    if shift is None:
-        shift = torch.zeros(num_channels, dtype=xf.dtype, device=x.device)
+    shift = torch.zeros(num_channels, dtype=xf.dtype, device=x.device) if shift is None else snapshot(shift)
     centered = xf - _channel_view(shift.to(xf.dtype), x.dim())
     local_count = torch.full((1,), x.numel() // max(num_channels, 1), dtype=xf.dtype, device=x.device)
     packed = torch.cat([centered.sum(dims), centered.square().sum(dims), local_count])
