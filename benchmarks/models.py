@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.timing import compare, format_table, machine_line
-from bnzoo.models import create_model
+from bnzoo import create_model
 
 NORMS: tuple[str, ...] = ("bn", "none", "renorm")
 

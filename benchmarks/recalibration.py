@@ -4,7 +4,7 @@ All three see the same model and the same pre-built batches (so data loading is 
 
 * ``forward``: one no-grad forward pass over the batches in eval mode -- the floor;
 * ``update_bn``: ``torch.optim.swa_utils.update_bn`` (cumulative averages of BatchNorm's own updates);
-* ``bnzoo``: :func:`bnzoo.callbacks.recalibrate_norm_stats` (Ioffe & Szegedy 2015, Alg. 2), and with
+* ``bnzoo``: :func:`bnzoo.norms.recalibrate_norm_stats` (Ioffe & Szegedy 2015, Alg. 2), and with
   ``population=True``.
 
 Usage::
@@ -21,8 +21,8 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 from benchmarks.timing import compare, format_table, machine_line
-from bnzoo.callbacks import recalibrate_norm_stats
-from bnzoo.models import create_model
+from bnzoo import create_model
+from bnzoo.norms import recalibrate_norm_stats
 
 
 def benchmark(model_name: str, norm: str, batches: int, batch_size: int, rounds: int) -> dict[str, object]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from bnzoo.models import create_model
+from bnzoo import create_model
 from bnzoo.models.rnn import SequenceWiseNormRNN
 from bnzoo.norms import make_norm
 

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.timing import format_table, machine_line
+from bnzoo import create_model
 from bnzoo.cli import BnzooCLI
 from bnzoo.data import FashionMNISTDataModule
-from bnzoo.models import create_model
 from bnzoo.optim import build_sgd
 
 

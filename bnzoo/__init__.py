@@ -1,25 +1,28 @@
-"""bnzoo: a PyTorch Lightning plugin and model zoo for normalization in deep networks."""
+"""bnzoo: a PyTorch Lightning plugin and model zoo for normalization in deep networks.
+
+``import bnzoo`` loads the norms, the models and the zoo (torch and timm; no Lightning). :func:`load_pretrained`,
+which returns a LightningModule, imports the Lightning layer on first use.
+"""
 
 from typing import Any
 
-from .models import create_model, list_models, register_model
-from .norms import list_norms, make_norm, register_norm
+from .models import list_models, model_options, register_model
+from .norms import NormFactory, list_norms, make_norm, norm_factory, norm_layer, register_norm
+from .zoo import create_model, list_pretrained
 
 __version__ = "0.1.0"
 
-#: exported from bnzoo.hub, which is imported on first use (it needs Lightning; ``import bnzoo`` does not)
-_HUB_EXPORTS = ("list_pretrained", "load_pretrained")
-
 
 def __getattr__(name: str) -> Any:
-    if name in _HUB_EXPORTS:
-        from . import hub
+    if name == "load_pretrained":
+        from .tasks import load_pretrained
 
-        return getattr(hub, name)
+        return load_pretrained
     raise AttributeError(f"module 'bnzoo' has no attribute {name!r}")
 
 
 __all__ = [
+    "NormFactory",
     "__version__",
     "create_model",
     "list_models",
@@ -27,6 +30,9 @@ __all__ = [
     "list_pretrained",
     "load_pretrained",
     "make_norm",
+    "model_options",
+    "norm_factory",
+    "norm_layer",
     "register_model",
     "register_norm",
 ]

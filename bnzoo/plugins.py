@@ -17,70 +17,14 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .norms.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .norms.sync import SyncableNorm
+from .norms.convert import convert_sync_norms, revert_sync_norms
+from .norms.introspect import has_bnzoo_norms
 
 __all__ = ["NormSync", "check_layer_sync", "convert_sync_norms", "revert_sync_norms"]
-
-# torch's plain BatchNorm classes and their synchronizable bnzoo twins (same kernel, same state dict)
-_PLAIN_BATCHNORMS: dict[type[nn.Module], type[nn.Module]] = {
-    nn.BatchNorm1d: BatchNorm1d,
-    nn.BatchNorm2d: BatchNorm2d,
-    nn.BatchNorm3d: BatchNorm3d,
-    BatchNorm1d: BatchNorm1d,
-    BatchNorm2d: BatchNorm2d,
-    BatchNorm3d: BatchNorm3d,
-}
-_ORIGINAL_CLASS = "_bnzoo_original_class"
-
-
-def _rebuild(module: _BatchNorm, cls: type[nn.Module], **extra: Any) -> nn.Module:
-    """A ``cls`` instance sharing ``module``'s parameters and buffers (what convert_sync_batchnorm does)."""
-    new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, **extra)
-    if module.affine:
-        new.weight, new.bias = module.weight, module.bias
-    new.running_mean, new.running_var = module.running_mean, module.running_var
-    new.num_batches_tracked = module.num_batches_tracked
-    new.train(module.training)
-    return new
-
-
-def convert_sync_norms(module: nn.Module, process_group: Any = None, torch_sync_batchnorm: bool = False) -> nn.Module:
-    """Synchronize every norm layer of ``module`` across the processes of ``process_group`` (None: all).
-
-    bnzoo's norms (``bn``, ``renorm``, sequence norms) switch to global moments in place; torch's plain
-    BatchNorm layers become bnzoo's synchronizable BatchNorm -- or torch's ``nn.SyncBatchNorm`` (CUDA only)
-    when ``torch_sync_batchnorm``. Returns the module (a new object if ``module`` itself was replaced).
-    """
-    if type(module) in _PLAIN_BATCHNORMS and (torch_sync_batchnorm or not isinstance(module, SyncableNorm)):
-        target = nn.SyncBatchNorm if torch_sync_batchnorm else _PLAIN_BATCHNORMS[type(module)]
-        extra = {"process_group": process_group} if torch_sync_batchnorm else {}
-        converted = _rebuild(module, target, **extra)  # type: ignore[arg-type]
-        setattr(converted, _ORIGINAL_CLASS, type(module))
-        module = converted
-    if isinstance(module, SyncableNorm):
-        module.synchronized, module.process_group = True, process_group
-    for name, child in module.named_children():
-        module.add_module(name, convert_sync_norms(child, process_group, torch_sync_batchnorm))
-    return module
-
-
-def revert_sync_norms(module: nn.Module) -> nn.Module:
-    """Undo :func:`convert_sync_norms`: every layer back to its original class, synchronization off."""
-    original = getattr(module, _ORIGINAL_CLASS, None)
-    if original is not None and type(module) is not original:
-        module = _rebuild(module, original)  # type: ignore[arg-type]
-    if isinstance(module, SyncableNorm):
-        module.synchronized, module.process_group = False, None
-    for name, child in module.named_children():
-        module.add_module(name, revert_sync_norms(child))
-    return module
 
 
 class NormSync(LayerSync):
@@ -110,11 +54,6 @@ class NormSync(LayerSync):
         return revert_sync_norms(model)
 
 
-def has_bnzoo_norms(model: nn.Module) -> bool:
-    """True if ``model`` has a bnzoo norm whose semantics torch's SyncBatchNorm conversion would change."""
-    return any(isinstance(m, SyncableNorm) and type(m) not in _PLAIN_BATCHNORMS for m in model.modules())
-
-
 def check_layer_sync(trainer: L.Trainer, model: nn.Module) -> None:
     """Replace Lightning's ``TorchSyncBatchNorm`` (``sync_batchnorm=True``) by :class:`NormSync` when ``model``
     has Batch Renorm or sequence norm layers, which torch's conversion would silently turn into BatchNorm."""
@@ -127,11 +66,3 @@ def check_layer_sync(trainer: L.Trainer, model: nn.Module) -> None:
             "instead, which synchronizes every norm kind with its own semantics."
         )
         strategy._layer_sync = NormSync()
-
-
-def synchronized_norms(model: nn.Module) -> list[nn.Module]:
-    """The norm layers of ``model`` that currently synchronize across processes."""
-    return [
-        m for m in model.modules()
-        if (isinstance(m, SyncableNorm) and m.synchronized) or isinstance(m, torch.nn.SyncBatchNorm)
-    ]

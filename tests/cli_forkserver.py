@@ -93,8 +93,8 @@ def _kill_group(process: subprocess.Popen[str]) -> None:
 
 def _serve() -> None:
     import bnzoo.cli  # noqa: F401  (the imports every child shares)
-    import bnzoo.hub  # noqa: F401
-    import bnzoo.recalibrate_command  # noqa: F401
+    import bnzoo.cli.recalibrate  # noqa: F401
+    import bnzoo.zoo  # noqa: F401
 
     print(json.dumps(run_cases(json.load(sys.stdin), int(sys.argv[1]) if len(sys.argv) > 1 else 2)))
 

@@ -230,7 +230,7 @@ def test_a_bad_input_fails_with_at_most_three_lines_naming_it(case: Case, outcom
     outcome = outcomes[case.id]
     lines = outcome["stderr"].splitlines()
     shown = outcome["stderr"][-3000:]
-    assert outcome["rc"] == 2, shown  # bnzoo's exit status for a refused input (bnzoo.errors.run_command)
+    assert outcome["rc"] == 2, shown  # bnzoo's exit status for a refused input (bnzoo.cli.errors.run_command)
     assert 1 <= len(lines) <= 3, shown
     prog = "bnzoo" if case.id == "subcommand-unknown" else f"bnzoo {case.argv[0]}"
     assert lines[0].startswith(f"{prog}: error: "), shown

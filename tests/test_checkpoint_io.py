@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnzoo.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, atomic_write_bytes, safe_torch_load
+from bnzoo.checkpoint_io import AtomicCheckpointIO
+from bnzoo.io import atomic_torch_save, atomic_write_bytes, safe_torch_load
 
 
 def test_write_replaces_the_file_whole_with_usual_permissions(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnzoo.callbacks import ActivationPercentiles, LandscapeProbe, NormStatistics
-from bnzoo.callbacks.diagnostics import probe_along_gradient, unit_percentiles
+from bnzoo.callbacks.activations import unit_percentiles
+from bnzoo.callbacks.landscape import probe_along_gradient
 from bnzoo.tasks import ImageClassifier
 
 

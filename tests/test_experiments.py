@@ -19,16 +19,16 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from bnzoo import create_model
 from bnzoo.cli import main as bnzoo_main
 from bnzoo.data import DigitsDataModule
-from bnzoo.experiments import main
-from bnzoo.experiments.data import ClassGroupedBatchSampler, ClassGroupedDataModule, RescaledFeaturesDataModule
-from bnzoo.experiments.metrics import Results, SideValues, judge, run_metric, side_values
-from bnzoo.experiments.recorder import MetricsRecorder
-from bnzoo.experiments.runner import build_run_config, variance_shift
-from bnzoo.experiments.spec import deep_merge, list_experiments, load_spec
-from bnzoo.models import create_model
 from bnzoo.norms import make_norm
+from bnzoo_lab import lab_registrations, main
+from bnzoo_lab.data import ClassGroupedBatchSampler, ClassGroupedDataModule, RescaledFeaturesDataModule
+from bnzoo_lab.metrics import Results, SideValues, judge, run_metric, side_values
+from bnzoo_lab.recorder import MetricsRecorder
+from bnzoo_lab.runner import build_run_config, variance_shift
+from bnzoo_lab.spec import deep_merge, list_experiments, load_spec
 
 VERDICTS = ("reproduced", "opposite", "not reproduced (within noise)", "not reproduced")
 
@@ -201,6 +201,22 @@ def test_rescaled_features_raw_and_standardized() -> None:
     torch.testing.assert_close(x.std(0, unbiased=False)[varying], torch.ones_like(x[0])[varying], atol=1e-4, rtol=0)
 
 
+@pytest.fixture
+def lab_kinds():
+    with lab_registrations():
+        yield
+
+
+def test_lab_kinds_exist_only_inside_the_lab_scope() -> None:
+    import bnzoo
+
+    assert "noisy_bn" not in bnzoo.list_norms() and "input_norm_mlp" not in bnzoo.list_models()
+    with lab_registrations():
+        assert "noisy_bn" in bnzoo.list_norms() and "input_norm_mlp" in bnzoo.list_models()
+    assert "noisy_bn" not in bnzoo.list_norms() and "input_norm_mlp" not in bnzoo.list_models()
+
+
+@pytest.mark.usefixtures("lab_kinds")
 def test_noisy_bn_is_bn_plus_a_fresh_per_channel_affine_in_training() -> None:
     noisy, plain = make_norm("noisy_bn", 6, "2d", shift=0.5, scale=1.5), make_norm("bn", 6, "2d")
     assert list(noisy.state_dict()) == list(plain.state_dict())
@@ -225,6 +241,7 @@ def test_noisy_bn_is_bn_plus_a_fresh_per_channel_affine_in_training() -> None:
         make_norm("noisy_bn", 6, "2d", scale=0.5)
 
 
+@pytest.mark.usefixtures("lab_kinds")
 def test_input_norm_mlp_normalizes_its_input_features() -> None:
     model = create_model("input_norm_mlp", in_chans=1, image_size=4, input_norm="bn", hidden=[8])
     x = torch.randn(32, 1, 4, 4) * torch.logspace(-2, 2, 16).view(1, 1, 4, 4)
@@ -295,7 +312,7 @@ def test_run_config_is_base_plus_variant_plus_quick_plus_seed(tmp_path: Path) ->
     assert config["trainer"]["max_steps"] == spec.quick["trainer"]["max_steps"]
     assert config["seed_everything"] == 3 and config["data"]["init_args"]["seed"] == 3
     assert config["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path / "c5_init")
-    assert config["trainer"]["callbacks"][-1]["class_path"] == "bnzoo.experiments.recorder.MetricsRecorder"
+    assert config["trainer"]["callbacks"][-1]["class_path"] == "bnzoo_lab.recorder.MetricsRecorder"
 
 
 def write_spec(tmp_path: Path, **changes: Any) -> Path:

@@ -23,21 +23,20 @@ import bnzoo
 import bnzoo.data
 from bnzoo import create_model, list_pretrained, load_pretrained
 from bnzoo.cli import main
-from bnzoo.hub import (
-    CACHE_DIR_ENV,
-    CHECKPOINT_DIR_ENV,
+from bnzoo.cli.pretrained import export_main, pretrained_main
+from bnzoo.resources import CHECKPOINT_DIR_ENV
+from bnzoo.tasks import ClassificationTask
+from bnzoo.zoo import (
     ChecksumError,
     IncompatibleCheckpointError,
     UnsafeCheckpointError,
-    export_main,
     pretrained_info,
-    pretrained_main,
     read_index,
     resolve_ckpt_path,
     zoo_table,
 )
-from bnzoo.tasks import ClassificationTask
-from bnzoo.zoo_build import KEPT_CHECKPOINT_KEYS, strip_checkpoint
+from bnzoo.zoo.fetch import CACHE_DIR_ENV
+from bnzoo_lab.zoo_build import KEPT_CHECKPOINT_KEYS, strip_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "checkpoints"
@@ -90,9 +89,14 @@ def corrupt_copy(tmp_path: Path, name: str) -> tuple[Path, dict]:
 # -- the index and its files --------------------------------------------------------------------------------------
 def test_index_lists_the_required_zoo_and_the_folder_is_small() -> None:
     required = {
-        "fashion_mnist-resnet20-none", "fashion_mnist-resnet20-bn", "fashion_mnist-resnet20-renorm",
-        "fashion_mnist-bn_inception_small-bn", "fashion_mnist-mlp-none", "fashion_mnist-mlp-bn",
-        "fashion_mnist_row-ds2_gru-none", "fashion_mnist_row-ds2_gru-bn",
+        "fashion_mnist-resnet20-none",
+        "fashion_mnist-resnet20-bn",
+        "fashion_mnist-resnet20-renorm",
+        "fashion_mnist-bn_inception_small-bn",
+        "fashion_mnist-mlp-none",
+        "fashion_mnist-mlp-bn",
+        "fashion_mnist_row-ds2_gru-none",
+        "fashion_mnist_row-ds2_gru-bn",
     }
     assert required <= set(NAMES)
     assert len(NAMES) == len(set(NAMES))
@@ -139,26 +143,45 @@ def test_entry_reproduces_its_accuracy_on_the_first_test_images(entry: dict) -> 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", ENTRIES, ids=NAMES)
-def test_bnzoo_test_reproduces_the_stored_test_accuracy(entry: dict, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bnzoo_test_reproduces_the_stored_test_accuracy(
+    entry: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    printed = run_cli("test", "--config", str(ROOT / entry["config"]), "--ckpt_path", entry["name"],
-                      "--trainer.enable_progress_bar", "false")
+    printed = run_cli(
+        "test",
+        "--config",
+        str(ROOT / entry["config"]),
+        "--ckpt_path",
+        entry["name"],
+        "--trainer.enable_progress_bar",
+        "false",
+    )
     assert cli_metric(printed, "test/acc") == pytest.approx(entry["test"]["acc"], abs=ACCURACY_TOLERANCE)
 
 
-def test_bnzoo_test_with_a_pretrained_name_reproduces_the_fixed_batch(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bnzoo_test_with_a_pretrained_name_reproduces_the_fixed_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     entry = pretrained_info(SMALL)
     monkeypatch.chdir(tmp_path)
-    printed = run_cli("test", "--config", str(ROOT / entry["config"]), "--ckpt_path", SMALL,
-                      "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "100",
-                      "--trainer.limit_test_batches", str(entry["test"]["fixed_batch_images"] // 100))
+    printed = run_cli(
+        "test",
+        "--config",
+        str(ROOT / entry["config"]),
+        "--ckpt_path",
+        SMALL,
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.batch_size",
+        "100",
+        "--trainer.limit_test_batches",
+        str(entry["test"]["fixed_batch_images"] // 100),
+    )
     assert cli_metric(printed, "test/acc") == pytest.approx(entry["test"]["fixed_batch_acc"], abs=ACCURACY_TOLERANCE)
 
 
 def test_ckpt_path_resolution() -> None:
-    assert resolve_ckpt_path(SMALL) == str(ZOO / pretrained_info(SMALL)["file"])
+    assert Path(resolve_ckpt_path(SMALL)).resolve() == (ZOO / pretrained_info(SMALL)["file"]).resolve()
     for passthrough in (None, "last", "best", str(ROOT / "pyproject.toml")):
         assert resolve_ckpt_path(passthrough) == passthrough
     with pytest.raises(ValueError, match="a file of the zoo folder .* that its index does not list"):
@@ -218,8 +241,9 @@ def test_a_download_with_the_wrong_hash_names_the_url_and_is_not_cached(tmp_path
     assert not list(cache.rglob("*.ckpt")) and not list(cache.rglob("*.tmp"))
 
 
-def test_a_registered_checkpoint_missing_locally_is_downloaded_from_its_url(tmp_path: Path,
-                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_registered_checkpoint_missing_locally_is_downloaded_from_its_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     zoo, entry = corrupt_copy(tmp_path, SMALL)
     hosted = tmp_path / "hosted" / entry["file"]
     hosted.parent.mkdir()
@@ -289,9 +313,11 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path: Path
 
 
 def test_another_architecture_or_norm_is_refused_naming_both() -> None:
-    with pytest.raises(IncompatibleCheckpointError,
-                       match=f"checkpoint {RESNET_BN} holds resnet20 with norm 'bn'.*, not resnet20 with norm "
-                             "'renorm'.*norm: checkpoint 'bn', asked for 'renorm'"):
+    with pytest.raises(
+        IncompatibleCheckpointError,
+        match=f"checkpoint {RESNET_BN} holds resnet20 with norm 'bn'.*, not resnet20 with norm "
+        "'renorm'.*norm: checkpoint 'bn', asked for 'renorm'",
+    ):
         create_model("resnet20", norm="renorm", pretrained=RESNET_BN)
     with pytest.raises(IncompatibleCheckpointError, match="model: checkpoint 'resnet20', asked for 'mlp'"):
         create_model("mlp", pretrained=RESNET_BN)

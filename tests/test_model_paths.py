@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnzoo.models import BUILTIN_MODELS, create_model, model_options
+from bnzoo import create_model
+from bnzoo.models import BUILTIN_MODELS, model_options
 from bnzoo.norms import (
     BUILTIN_NORMS,
     BatchNorm1d,

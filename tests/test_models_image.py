@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnzoo.models import BUILTIN_MODELS, create_model, model_options
+from bnzoo import create_model
+from bnzoo.models import BUILTIN_MODELS, model_options
 from bnzoo.models.inception import inception_v3_min_image_size
 from bnzoo.models.resnet import BasicBlock, ShortcutA
 from bnzoo.norms import BUILTIN_NORMS, FrozenBatchNorm

@@ -80,7 +80,7 @@ def test_bn_is_torch_batchnorm() -> None:
 def test_unknown_kind_lists_valid_kinds() -> None:
     with pytest.raises(ValueError, match=r"unknown norm kind 'batchnorm'.*valid kinds: .*bn.*renorm"):
         make_norm("batchnorm", 4)
-    with pytest.raises(ValueError, match=r"did you mean 'renorm'"):
+    with pytest.raises(ValueError, match=r"closest: renorm"):
         make_norm("renrom", 4)
 
 

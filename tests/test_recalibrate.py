@@ -12,9 +12,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from bnzoo.callbacks import LastCheckpoint, RecalibrateNormStats, RecalibrationResult, recalibrate_norm_stats
+from bnzoo.callbacks import LastCheckpoint, RecalibrateNormStats
 from bnzoo.data import DigitsDataModule
-from bnzoo.norms import make_norm
+from bnzoo.norms import RecalibrationResult, make_norm, recalibrate_norm_stats
 from bnzoo.tasks import ImageClassifier
 from tests.distributed import run_in_processes
 

@@ -16,10 +16,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from bnzoo.callbacks import RecalibrateNormStats, recalibrate_norm_stats
+from bnzoo import create_model
+from bnzoo.callbacks import RecalibrateNormStats
 from bnzoo.cli import main as bnzoo_main
-from bnzoo.models import BUILTIN_MODELS, create_model, model_options
-from bnzoo.norms import make_norm
+from bnzoo.models import BUILTIN_MODELS, model_options
+from bnzoo.norms import make_norm, recalibrate_norm_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQUENCE_MODELS = sorted(name for name in BUILTIN_MODELS if "input_size" in model_options(name))
@@ -275,7 +276,7 @@ def test_recalibrate_command_prints_the_skipped_layers(tmp_path: Path, monkeypat
     config += ["--model.init_args.model_options", "{hidden_size: 8, max_steps: 12}"]
     quick = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
     run_cli("fit", *config, *quick, "--trainer.callbacks", "[]", "--trainer.enable_model_summary", "false")
-    last = next(tmp_path.glob("runs/*/version_*/checkpoints/last.ckpt"))  # bnzoo.runs: a folder per run
+    last = next(tmp_path.glob("runs/*/version_*/checkpoints/last.ckpt"))  # bnzoo.cli.runs: a folder per run
     with pytest.warns(UserWarning, match="12 of 36 norm layers got no rows"):
         printed = run_cli("recalibrate", *config, "--ckpt_path", str(last), "--num_batches", "2")
     assert "recalibrated 24 norm layers from 2 batches" in printed

@@ -13,8 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from bnzoo.callbacks import recalibrate_norm_stats
-from bnzoo.norms import make_norm
+from bnzoo.norms import make_norm, recalibrate_norm_stats
 from bnzoo.plugins import convert_sync_norms
 from tests.distributed import run_in_processes
 

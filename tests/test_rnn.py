@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from bnzoo.models import create_model
+from bnzoo import create_model
 from bnzoo.norms import BUILTIN_NORMS, freeze_norms
 
 F, H, CLASSES = 5, 6, 3
@@ -402,9 +402,9 @@ def test_every_norm_kind_trains_evaluates_and_round_trips(name: str, options: di
         ("ds2_gru", {"norm": "none", "norm_options": {"eps": 1e-3}}, ValueError, "unknown option.*eps"),
         ("ds2_gru", {"hidden_size": 0}, ValueError, "hidden_size must be a positive int"),
         ("ds2_lstm", {"num_layers": 0}, ValueError, "num_layers must be a positive int"),
-        ("ds2_lstm", {"bidirectional": "yes"}, ValueError, "bidirectional must be a bool"),
+        ("ds2_lstm", {"bidirectional": "yes"}, ValueError, "bidirectional must be True or False"),
         ("ds2_gru", {"input_size": 2.5}, ValueError, "input_size must be a positive int"),
-        ("ds2_gru", {"pool": "max"}, ValueError, "pool must be one of 'last', 'mean'"),
+        ("ds2_gru", {"pool": "max"}, ValueError, "unknown pool 'max'; valid choices: last, mean"),
         ("ds2_gru", {"dropout": 1.0}, ValueError, r"dropout must be a float in \[0, 1\)"),
         ("bn_lstm", {"max_steps": 0}, ValueError, "max_steps must be a positive int"),
         ("bn_lstm", {"gamma_init": "0.1"}, ValueError, "gamma_init must be a float"),
@@ -488,7 +488,9 @@ def tracked(model: nn.Module) -> dict[str, int]:
 
 @pytest.mark.parametrize("norm", ["bn", "renorm"])
 def test_synchronized_bn_lstm_is_refused_on_several_processes(norm: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bnzoo.models.rnn as rnn
+    import importlib
+
+    rnn = importlib.import_module("bnzoo.models.rnn.bn_lstm")
     from bnzoo.plugins import convert_sync_norms
 
     model = convert_sync_norms(_bn_lstm(norm))

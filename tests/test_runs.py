@@ -1,4 +1,4 @@
-"""Runs never clobber each other (:mod:`bnzoo.runs`): every fresh run gets its own ``version_<N>`` folder -- also
+"""Runs never clobber each other (:mod:`bnzoo.cli.runs`): every fresh run gets its own ``version_<N>`` folder -- also
 two runs started at once and two configs with one run name --, ``--ckpt_path last`` resumes the matching run in
 its own folder or says why it cannot, and a resume after ``kill -9`` leaves no temporaries nor orphaned best
 checkpoints."""
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnzoo.checkpoint_io import safe_torch_load
 from bnzoo.cli import main
-from bnzoo.runs import RunLock, claim_version
+from bnzoo.cli.runs import RunLock, claim_version
+from bnzoo.io import safe_torch_load
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ["--config", str(ROOT / "configs/digits/mlp.yaml")]

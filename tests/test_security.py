@@ -34,11 +34,14 @@ import pytest
 import torch
 
 from bnzoo import create_model, load_pretrained
-from bnzoo.checkpoint_io import AtomicCheckpointIO, UnreadableCheckpointError, UnsafeCheckpointError, safe_torch_load
-from bnzoo.checkpoint_trust import UntrustedHyperparametersError
+from bnzoo.checkpoint_io import AtomicCheckpointIO
 from bnzoo.data import DigitsDataModule
-from bnzoo.hub import CACHE_DIR_ENV, CHECKPOINT_DIR_ENV, ChecksumError, export_safetensors, pretrained_info
+from bnzoo.io import UnreadableCheckpointError, UnsafeCheckpointError, safe_torch_load
+from bnzoo.resources import CHECKPOINT_DIR_ENV
 from bnzoo.tasks import ImageClassifier
+from bnzoo.zoo import ChecksumError, export_safetensors, pretrained_info
+from bnzoo.zoo.fetch import CACHE_DIR_ENV
+from bnzoo.zoo.trust import UntrustedHyperparametersError
 from tests.cli_forkserver import run_forked
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,8 @@ from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 
 from bnzoo.norms import make_norm
-from bnzoo.plugins import NormSync, convert_sync_norms, revert_sync_norms, synchronized_norms
+from bnzoo.norms.introspect import synchronized_norms
+from bnzoo.plugins import NormSync, convert_sync_norms, revert_sync_norms
 from tests.distributed import run_in_processes
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]

@@ -1,20 +1,23 @@
-"""Lightning callbacks for normalization: recalibration, the Batch Renorm schedule, diagnostics."""
+"""Lightning callbacks for normalization, one per module: recalibration after training (:mod:`.recalibrate`),
+the Batch Renorm schedule (:mod:`.renorm_schedule`), the run's checkpoints (:mod:`.checkpoints`) and the
+diagnostics for TensorBoard (:mod:`.activations`, :mod:`.norm_statistics`, :mod:`.landscape`, which log through
+:mod:`._logging`). Norm layers are found with :mod:`bnzoo.norms.introspect`; the loss is the task's
+``batch_loss``."""
 
-from .checkpoints import LastCheckpoint
-from .diagnostics import ActivationPercentiles, LandscapeProbe, NormStatistics
-from .recalibrate import RecalibrateNormStats, RecalibrationResult, recalibrate_norm_stats, stat_norm_layers
-from .renorm_schedule import RenormSchedule, renorm_bounds, renorm_layers
+from .activations import ActivationPercentiles
+from .checkpoints import BestCheckpoint, LastCheckpoint
+from .landscape import LandscapeProbe
+from .norm_statistics import NormStatistics
+from .recalibrate import RecalibrateNormStats
+from .renorm_schedule import RenormSchedule, renorm_bounds
 
 __all__ = [
     "ActivationPercentiles",
+    "BestCheckpoint",
     "LandscapeProbe",
-    "NormStatistics",
     "LastCheckpoint",
+    "NormStatistics",
     "RecalibrateNormStats",
-    "RecalibrationResult",
     "RenormSchedule",
-    "recalibrate_norm_stats",
     "renorm_bounds",
-    "renorm_layers",
-    "stat_norm_layers",
 ]

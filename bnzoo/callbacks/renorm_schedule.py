@@ -14,14 +14,10 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
 
-__all__ = ["RenormSchedule", "renorm_bounds", "renorm_layers"]
+from ..norms.introspect import named_renorm_layers
 
-
-def renorm_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Named Batch Renorm layers of ``model``: every module with ``r_max`` and ``d_max`` bounds."""
-    return {name: m for name, m in model.named_modules() if hasattr(m, "r_max") and hasattr(m, "d_max")}
+__all__ = ["RenormSchedule", "renorm_bounds"]
 
 
 def renorm_bounds(
@@ -50,15 +46,16 @@ def _resolve(steps: int | float, total: int, name: str) -> int:
 
 
 class RenormSchedule(Callback):
-    """Set ``r_max``/``d_max`` of every renorm layer before each training step, and log the clipping.
+    """Set ``r_max``/``d_max`` of every renorm layer before each training step, and log them.
 
     Args:
         warmup_steps: steps of plain BatchNorm (r_max = 1, d_max = 0); paper: 5000.
         r_max_steps: step at which r_max reaches ``r_max``; paper: 40000.
         d_max_steps: step at which d_max reaches ``d_max``; paper: 25000.
         r_max, d_max: final bounds; paper: 3 and 5.
-        log_clipping: every ``log_every_n_steps`` log r_max, d_max and, per layer, the fraction of channels whose
-            r or d was clipped (``renorm/<layer>/r_clipped``, ``renorm/<layer>/d_clipped``) and their means.
+        log_bounds: every ``log_every_n_steps`` log ``renorm/r_max`` and ``renorm/d_max``. The per-layer
+            corrections and the fraction of channels clipped are :class:`bnzoo.callbacks.NormStatistics`'s
+            (``norm/<layer>/r_clipped``, one definition: :func:`bnzoo.norms.introspect.renorm_correction_stats`).
 
     Step counts that are floats in (0, 1] are fractions of the run's total optimizer steps, resolved when
     training starts. The resolved schedule is saved in checkpoints; a resumed run continues it (a fraction stays
@@ -73,7 +70,7 @@ class RenormSchedule(Callback):
         d_max_steps: int | float = 25000,
         r_max: float = 3.0,
         d_max: float = 5.0,
-        log_clipping: bool = True,
+        log_bounds: bool = True,
     ) -> None:
         if r_max < 1.0 or d_max < 0.0:
             raise ValueError(f"final bounds must satisfy r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
@@ -81,11 +78,10 @@ class RenormSchedule(Callback):
             _resolve(value, 1, name)
         self.warmup_steps, self.r_max_steps, self.d_max_steps = warmup_steps, r_max_steps, d_max_steps
         self.r_max, self.d_max = float(r_max), float(d_max)
-        self.log_clipping = log_clipping
+        self.log_bounds = log_bounds
         self._steps: tuple[int, int, int] = (0, 0, 0)
         self._restored = False  # the schedule came from a checkpoint: on_train_start keeps it
         self._schedule_arguments = self._arguments()  # those of the schedule in effect (a checkpoint's, resumed)
-        self._recording: tuple[int, float, float] | None = None  # (step, r_max, d_max) being recorded
 
     def _arguments(self) -> list[int | float]:
         return [self.warmup_steps, self.r_max_steps, self.d_max_steps, self.r_max, self.d_max]
@@ -107,7 +103,7 @@ class RenormSchedule(Callback):
                 )
         else:
             self._steps = steps
-        if not renorm_layers(pl_module):
+        if not named_renorm_layers(pl_module):
             rank_zero_warn("RenormSchedule: the model has no Batch Renorm layer; the schedule has nothing to set.")
 
     def bounds(self, step: int) -> tuple[float, float]:
@@ -117,31 +113,11 @@ class RenormSchedule(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         r_max, d_max = self.bounds(trainer.global_step)
-        record = self.log_clipping and trainer.global_step % max(1, trainer.log_every_n_steps) == 0
-        self._recording = (trainer.global_step, r_max, d_max) if record else None
-        for layer in renorm_layers(pl_module).values():
+        for layer in named_renorm_layers(pl_module).values():
             layer.r_max, layer.d_max = r_max, d_max
-            layer.record_corrections = record
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self._recording is None:
-            return
-        step, r_max, d_max = self._recording
-        self._recording = None
-        metrics = {"renorm/r_max": r_max, "renorm/d_max": d_max}
-        for name, layer in renorm_layers(pl_module).items():
-            r, d = getattr(layer, "last_r", None), getattr(layer, "last_d", None)
-            if r is None or d is None:
-                continue
-            prefix = f"renorm/{name.removeprefix('model.')}"
-            metrics[f"{prefix}/r_clipped"] = float(((r >= r_max) | (r <= 1.0 / r_max)).float().mean())
-            metrics[f"{prefix}/d_clipped"] = float((d.abs() >= d_max).float().mean())
-            metrics[f"{prefix}/r_mean"] = float(r.mean())
-            metrics[f"{prefix}/d_abs_mean"] = float(d.abs().mean())
-            layer.last_r = layer.last_d = None
-            layer.record_corrections = False
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(metrics, step=step)
+        if self.log_bounds and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            for logger in trainer.loggers:
+                logger.log_metrics({"renorm/r_max": r_max, "renorm/d_max": d_max}, step=trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule as resolved for this run (plain types): its step counts, final bounds and arguments."""

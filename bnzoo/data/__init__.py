@@ -27,8 +27,10 @@ from .registry import IMAGE_DATAMODULES, image_data_like, image_datamodule_class
 from .samplers import SortaGradSampler
 from .sequence import SEQUENCE_MODES, SequenceCollate, SequenceDataModule, SequenceDataset
 from .transforms import ImageCollate, Normalize, random_crop_flip
+from .wrapped import WrappedImageDataModule
 
 __all__ = [
+    "WrappedImageDataModule",
     "IMAGE_DATAMODULES",
     "NORMALIZATIONS",
     "SEQUENCE_MODES",

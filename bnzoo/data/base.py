@@ -147,6 +147,18 @@ class InMemoryDataModule(SafeLoadFromCheckpoint, L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    SPLITS = ("train", "val", "test")
+
+    def splits(self) -> dict[str, Dataset | None]:
+        """``{"train": ..., "val": ..., "test": ...}``: the datasets :meth:`setup` made (None before)."""
+        return {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+
+    def set_split(self, split: str, dataset: Dataset) -> None:
+        """Set the dataset of ``split`` (one of :attr:`SPLITS`)."""
+        if split not in self.SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.SPLITS)}")
+        setattr(self, f"{split}_set", dataset)
+
     # -- what subclasses provide ---------------------------------------------------------------------------
     def collate_fn(self, train: bool) -> Callable[[list[Any]], Any]:
         """The ``collate_fn`` of the training (``train=True``) or evaluation DataLoaders."""

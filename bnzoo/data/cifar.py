@@ -67,18 +67,11 @@ def load_cifar_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
         keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
         raise ValueError(f"{path}: expected a dict with 'data' and {label_key!r}, got {keys}")
     data, labels = entry["data"], np.asarray(entry[label_key])
-    if (
-        not isinstance(data, np.ndarray)
-        or data.dtype != np.uint8
-        or data.ndim != 2
-        or data.shape[1] != _PIXELS
-    ):
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise ValueError(f"{path}: 'data' is {desc}, expected uint8 (N, {_PIXELS})")
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"{path}: {label_key!r} has shape {labels.shape}, expected {len(data)} integer labels"
-        )
+        raise ValueError(f"{path}: {label_key!r} has shape {labels.shape}, expected {len(data)} integer labels")
     images = torch.from_numpy(np.ascontiguousarray(data)).view(-1, 3, 32, 32)  # rows are R, G, B planes
     return images, torch.from_numpy(labels.astype(np.int64))
 
@@ -122,9 +115,7 @@ class CifarDataModule(ImageDataModule):
         try:
             download_and_extract_archive(tv.url, str(self.data_dir), filename=tv.filename, md5=tv.tgz_md5)
         except (RuntimeError, OSError) as err:
-            raise RuntimeError(
-                f"downloading {tv.url} into {self.data_dir} failed: {err}\n{self.how_to_get()}"
-            ) from err
+            raise RuntimeError(f"downloading {tv.url} into {self.data_dir} failed: {err}\n{self.how_to_get()}") from err
 
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         batches = []
@@ -132,9 +123,7 @@ class CifarDataModule(ImageDataModule):
             path = self.folder / name
             if not path.is_file():
                 hint = (
-                    " (download=True downloads in prepare_data(), which runs before setup())"
-                    if self.download
-                    else ""
+                    " (download=True downloads in prepare_data(), which runs before setup())" if self.download else ""
                 )
                 raise FileNotFoundError(f"{path} not found{hint}. {self.how_to_get()}")
             try:

@@ -53,7 +53,5 @@ def read_idx(path: str | Path, ndim: int | None = None) -> torch.Tensor:
     shape = struct.unpack(f">{dims}I", raw[4:header_size])
     expected = header_size + math.prod(shape)
     if len(raw) != expected:
-        raise ValueError(
-            f"{path}: {len(raw)} bytes for an IDX array of shape {shape} ({expected} bytes expected)"
-        )
+        raise ValueError(f"{path}: {len(raw)} bytes for an IDX array of shape {shape} ({expected} bytes expected)")
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header_size).view(shape)

@@ -78,22 +78,16 @@ class IdxDataModule(ImageDataModule):
             self.torchvision_class(str(self.data_dir), train=True, download=True)
         except (RuntimeError, OSError) as err:
             raise RuntimeError(
-                f"downloading {self.torchvision_class.__name__} into {self.raw_dir} failed: {err}\n"
-                f"{self.how_to_get()}"
+                f"downloading {self.torchvision_class.__name__} into {self.raw_dir} failed: {err}\n{self.how_to_get()}"
             ) from err
 
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         directory = self.find_dir()
         if directory is None:
             searched = ", ".join(str(d) for d in self.search_dirs())
-            hint = (
-                " (download=True downloads in prepare_data(), which runs before setup())"
-                if self.download
-                else ""
-            )
+            hint = " (download=True downloads in prepare_data(), which runs before setup())" if self.download else ""
             raise FileNotFoundError(
-                f"{self.torchvision_class.__name__} files not found; searched {searched}{hint}. "
-                f"{self.how_to_get()}"
+                f"{self.torchvision_class.__name__} files not found; searched {searched}{hint}. {self.how_to_get()}"
             )
         images_path, labels_path = (_existing(directory / name) for name in self.file_names(train))
         images, labels = self._read(images_path, 3), self._read(labels_path, 1)
@@ -108,9 +102,7 @@ class IdxDataModule(ImageDataModule):
         try:
             return read_idx(path, ndim)
         except ValueError as err:
-            raise ValueError(
-                f"corrupt data file: {err}. Delete it and get it again. {self.how_to_get()}"
-            ) from err
+            raise ValueError(f"corrupt data file: {err}. Delete it and get it again. {self.how_to_get()}") from err
 
 
 def _existing(path: Path) -> Path | None:
@@ -133,8 +125,7 @@ class FashionMNISTDataModule(IdxDataModule):
     torchvision_class = tvd.FashionMNIST
     system_dirs = ("/usr/share/datasets/fashion-mnist",)
     system_hint = (
-        "install Debian's copy with `apt-get install dataset-fashion-mnist` "
-        "(into /usr/share/datasets/fashion-mnist/)"
+        "install Debian's copy with `apt-get install dataset-fashion-mnist` (into /usr/share/datasets/fashion-mnist/)"
     )
     mean = (0.2860,)
     std = (0.3530,)

@@ -53,9 +53,7 @@ class SortaGradSampler(DistributedSampler):
         self.sorted_epochs = sorted_epochs
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(
-            len(self.lengths), generator=torch.Generator().manual_seed(self.seed + self.epoch)
-        )
+        order = torch.randperm(len(self.lengths), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         if self.drop_last:
             order = order[: self.total_size]
         elif len(order) < self.total_size:

@@ -25,10 +25,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from .base import ImageDataset, InMemoryDataModule
-from .registry import image_data_like
+from .base import ImageDataset
 from .samplers import SortaGradSampler
 from .transforms import Normalize
+from .wrapped import WrappedImageDataModule
 
 __all__ = ["SEQUENCE_MODES", "SequenceCollate", "SequenceDataModule", "SequenceDataset"]
 
@@ -77,7 +77,7 @@ class SequenceCollate:
         return x.masked_fill(padding[..., None], 0.0), lengths, labels
 
 
-class SequenceDataModule(InMemoryDataModule):
+class SequenceDataModule(WrappedImageDataModule):
     """Sequence tasks over a named image dataset (see the module doc). Batches are ``(x, lengths, y)``.
 
     ``num_classes``, ``input_size`` (features per step) and ``max_length`` are set by ``__init__``, before
@@ -117,39 +117,29 @@ class SequenceDataModule(InMemoryDataModule):
         if mode not in SEQUENCE_MODES:
             raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(SEQUENCE_MODES)}")
         super().__init__(
-            data_dir, batch_size, num_workers, val_size, seed, train_subset, normalization, download
+            dataset, data_dir, batch_size, num_workers, val_size, seed, train_subset, normalization, download
         )
         self.save_hyperparameters()
-        self.image_data = image_data_like(dataset, self)
-        size, channels = self.image_data.image_size, self.image_data.in_chans
-        self.num_classes: int = self.image_data.num_classes
+        size, channels = self.image_size, self.in_chans
+        del self.in_chans, self.image_size  # a sequence model is linked by input_size and max_length instead
         self.pixels_per_step = 1 if mode == "pixel" else size
         self.input_size: int = self.pixels_per_step * channels
         self.max_length: int = size * size // self.pixels_per_step
         self.min_length: int = max(1, self.max_length // 2) if min_length is None else min_length
         if not 1 <= self.min_length <= self.max_length:
             raise ValueError(
-                f"min_length must be in [1, {self.max_length}] for {dataset!r} in {mode!r} mode, "
-                f"got {min_length}"
+                f"min_length must be in [1, {self.max_length}] for {dataset!r} in {mode!r} mode, got {min_length}"
             )
         self.variable_length = variable_length
         self.sortagrad = sortagrad
         self.task_seed = task_seed
         self.permutation: Tensor | None = (
-            torch.randperm(size * size, generator=torch.Generator().manual_seed(task_seed))
-            if permute
-            else None
+            torch.randperm(size * size, generator=torch.Generator().manual_seed(task_seed)) if permute else None
         )
 
-    def prepare_data(self) -> None:
-        self.image_data.prepare_data()
-
-    def setup(self, stage: str | None = None) -> None:
-        self.image_data.setup(stage)
-        for split, source in (("train", "train"), ("val", "train"), ("test", "test")):
-            images = getattr(self.image_data, f"{split}_set")
-            if images is not None and getattr(self, f"{split}_set") is None:
-                setattr(self, f"{split}_set", SequenceDataset(images, self.sample_lengths(images, source)))
+    def wrap_split(self, split: str, images: ImageDataset) -> SequenceDataset:
+        source = "test" if split == "test" else "train"  # the validation split is cut from the training file
+        return SequenceDataset(images, self.sample_lengths(images, source))
 
     def sample_lengths(self, images: ImageDataset, source: str) -> Tensor:
         """Each sample's length: ``max_length``, or with ``variable_length`` a draw from

@@ -49,9 +49,7 @@ def random_crop_flip(
     padded_height, padded_width = images.shape[-2:]
     flat_index = (rows[:, :, None] * padded_width + cols[:, None, :]).view(batch, 1, height * width)
     flat = images.reshape(batch, channels, padded_height * padded_width)
-    return flat.gather(2, flat_index.expand(batch, channels, height * width)).view(
-        batch, channels, height, width
-    )
+    return flat.gather(2, flat_index.expand(batch, channels, height * width)).view(batch, channels, height, width)
 
 
 class Normalize:
@@ -98,6 +96,4 @@ class ImageCollate:
         return self.normalize(x), torch.stack(labels)
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({self.normalize!r}, crop_padding={self.crop_padding}, hflip={self.hflip})"
-        )
+        return f"{type(self).__name__}({self.normalize!r}, crop_padding={self.crop_padding}, hflip={self.hflip})"

@@ -21,17 +21,9 @@ import torch
 from timm.models.inception_v3 import InceptionV3 as TimmInceptionV3
 from torch import Tensor, nn
 
-from bnzoo.norms import make_norm
-
-from .layers import (
-    ACTIVATIONS,
-    ConvNormAct,
-    check_choice,
-    check_image_options,
-    init_kaiming_,
-    norm_has_bias,
-    timm_norm_layer,
-)
+from ..checks import check_choice
+from ..norms.factory import norm_factory
+from .layers import ACTIVATIONS, ConvNormAct, check_image_options, init_kaiming_, norm_has_bias
 from .registry import register_model
 
 __all__ = [
@@ -148,7 +140,7 @@ class BNInceptionSmall(nn.Module):
         check_choice("activation", activation, ACTIVATIONS)
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
             raise ValueError(f"width must be a positive float (a channel multiplier), got {width!r}")
-        conv = functools.partial(ConvNormAct, norm=norm, norm_options=norm_options, activation=activation)
+        conv = functools.partial(ConvNormAct, norm_layer=norm_factory(norm, norm_options), activation=activation)
 
         def scaled(channels: Sequence[int]) -> list[int]:
             return [max(1, round(c * width)) for c in channels]
@@ -274,7 +266,8 @@ def timm_inception_v3(
             raise ValueError(f"{option} must be True or False, got {value!r}")
     if bn_aux and not aux_logits:
         raise ValueError("bn_aux=True normalizes the auxiliary classifier: it needs aux_logits=True")
-    if bn_aux and norm == "none":
+    norm_layer = norm_factory(norm, norm_options)
+    if bn_aux and norm_layer.is_identity:
         raise ValueError("bn_aux=True needs a norm to put on the auxiliary classifier, got norm='none'")
     min_size = inception_v3_min_image_size(aux_logits)
     if image_size < min_size:
@@ -287,9 +280,9 @@ def timm_inception_v3(
         num_classes=num_classes,
         in_chans=in_chans,
         aux_logits=aux_logits,
-        norm_layer=timm_norm_layer(norm, norm_options),
+        norm_layer=norm_layer.timm_layer(),
     )
-    if norm == "none":
+    if norm_layer.is_identity:
         for layer in model.modules():
             if isinstance(layer, (nn.Conv2d, nn.Linear)):
                 init_kaiming_(layer, "relu")
@@ -297,7 +290,7 @@ def timm_inception_v3(
         if aux_logits:
             init_kaiming_(model.AuxLogits.fc, "linear")
     if bn_aux:
-        aux_norm = make_norm(norm, num_classes, "1d", **(norm_options or {}))
+        aux_norm = norm_layer(num_classes, "1d")
         fc = nn.Linear(model.AuxLogits.fc.in_features, num_classes, bias=not norm_has_bias(aux_norm))
         init_kaiming_(fc, "linear")
         model.AuxLogits.fc = nn.Sequential(fc, aux_norm)

@@ -7,32 +7,27 @@
 * :class:`SkipInit`: a learnable scalar gain on a residual branch, initialized to zero (De & Smith 2020);
   :func:`zero_norm_weight_`: the other way to start a residual branch at zero (Goyal et al. 2017).
 * :func:`init_kaiming_`: the He et al. 2015 (Eq. 10) initialization used by the zoo's own models.
-* :func:`timm_norm_layer`: bnzoo's norm factory in the form timm's constructors accept (norm, or norm +
-  activation).
-* ``check_*``: construction-time validation with messages that name the bad value and the valid choices.
+* :func:`check_image_options`: the options every image entry point takes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bnzoo.norms import make_norm, norm_layer
+from ..checks import check_choice, check_positive_int
+from ..norms.factory import NormFactory
 
 __all__ = [
     "ACTIVATIONS",
     "ConvNormAct",
     "SkipInit",
-    "check_choice",
     "check_image_options",
-    "check_positive_int",
     "init_kaiming_",
     "make_activation",
     "norm_has_bias",
-    "timm_norm_layer",
     "zero_norm_weight_",
 ]
 
@@ -42,21 +37,6 @@ ACTIVATIONS: tuple[str, ...] = tuple(_ACTIVATION_CLASSES)
 
 # ----------------------------------------------------------------------------------------------------------
 # Validation
-
-
-def check_choice(option: str, value: Any, choices: Iterable[str]) -> str:
-    """``value`` if it is one of ``choices``, else a ValueError naming the option, value and choices."""
-    choices = tuple(choices)
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {option} {value!r}; valid choices: {', '.join(choices)}")
-    return value
-
-
-def check_positive_int(option: str, value: Any) -> int:
-    """``value`` if it is an int >= 1 (bools excluded), else a ValueError naming the option and the value."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{option} must be a positive int, got {value!r}")
-    return value
 
 
 def check_image_options(num_classes: Any, in_chans: Any, image_size: Any) -> None:
@@ -115,8 +95,8 @@ def zero_norm_weight_(norm: nn.Module) -> None:
 class ConvNormAct(nn.Module):
     """``conv -> norm -> activation`` with "same" padding; the conv has a bias only when the norm has none.
 
-    The norm is ``make_norm(norm, out_channels, "2d", **norm_options)``. ``apply_act=False`` leaves the output
-    linear (the last unit of a residual branch, before the addition); the conv is initialized by
+    The norm is ``norm_layer(out_channels, "2d")`` (a :class:`bnzoo.norms.NormFactory`). ``apply_act=False``
+    leaves the output linear (the last unit of a residual branch, before the addition); the conv is initialized by
     :func:`init_kaiming_` for ``activation`` either way, as the network's activation follows it eventually.
     """
 
@@ -127,14 +107,13 @@ class ConvNormAct(nn.Module):
         kernel_size: int,
         stride: int = 1,
         *,
-        norm: str = "bn",
-        norm_options: dict[str, Any] | None = None,
+        norm_layer: NormFactory,
         activation: str = "relu",
         apply_act: bool = True,
     ) -> None:
         super().__init__()
         check_choice("activation", activation, ACTIVATIONS)
-        normalization = make_norm(norm, out_channels, "2d", **(norm_options or {}))
+        normalization = norm_layer(out_channels, "2d")
         self.conv = nn.Conv2d(
             in_channels,
             out_channels,
@@ -169,18 +148,3 @@ class SkipInit(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gain={self.gain.item():.4g}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# timm adapters
-
-
-def timm_norm_layer(norm: str, norm_options: dict[str, Any] | None = None) -> Callable[..., nn.Module]:
-    """bnzoo's 2d norm as a ``norm_layer`` argument of timm's CNN constructors: :func:`bnzoo.norms.norm_layer`.
-
-    It serves both kinds of timm constructor: those that call it as a norm (ResNet) and those that ask
-    ``get_norm_act_layer`` for a norm + activation layer (``ConvNormAct`` in Inception-v3, EfficientNet, ...),
-    where each layer gets timm's activation after the norm, as ``BatchNormAct2d`` does
-    (:class:`bnzoo.norms.KindLayer`). An unknown kind or option fails here.
-    """
-    return norm_layer(norm, "2d", **(norm_options or {}))

@@ -20,16 +20,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from bnzoo.norms import make_norm
-
-from .layers import (
-    ACTIVATIONS,
-    check_choice,
-    check_image_options,
-    init_kaiming_,
-    make_activation,
-    norm_has_bias,
-)
+from ..checks import check_choice
+from ..norms.factory import NormFactory, norm_factory
+from .layers import ACTIVATIONS, check_image_options, init_kaiming_, make_activation, norm_has_bias
 from .registry import register_model
 
 __all__ = ["MLP", "NORM_POSITIONS", "MLPBlock"]
@@ -48,15 +41,14 @@ class MLPBlock(nn.Module):
         in_features: int,
         out_features: int,
         *,
-        norm: str = "bn",
-        norm_options: dict[str, Any] | None = None,
+        norm_layer: NormFactory,
         norm_position: str = "before",
         activation: str = "sigmoid",
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.norm_position = check_choice("norm_position", norm_position, NORM_POSITIONS)
-        normalization = make_norm(norm, out_features, "1d", **(norm_options or {}))
+        normalization = norm_layer(out_features, "1d")
         bias = norm_position == "after" or not norm_has_bias(normalization)
         self.linear = nn.Linear(in_features, out_features, bias=bias)
         self.norm = normalization
@@ -84,7 +76,7 @@ class MLP(nn.Module):
         num_classes: int = 10,
         hidden: Sequence[int] = (100, 100, 100),
         *,
-        norm: str = "bn",
+        norm: str | NormFactory = "bn",
         norm_options: dict[str, Any] | None = None,
         norm_position: str = "before",
         activation: str = "sigmoid",
@@ -92,6 +84,7 @@ class MLP(nn.Module):
         init_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        norm_layer = norm_factory(norm, norm_options)
         check_choice("activation", activation, ACTIVATIONS)
         check_choice("norm_position", norm_position, NORM_POSITIONS)
         _check_options(hidden, dropout, init_scale)
@@ -102,8 +95,7 @@ class MLP(nn.Module):
             MLPBlock(
                 fan_in,
                 fan_out,
-                norm=norm,
-                norm_options=norm_options,
+                norm_layer=norm_layer,
                 norm_position=norm_position,
                 activation=activation,
                 dropout=dropout,

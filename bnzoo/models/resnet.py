@@ -25,14 +25,8 @@ from timm.models.resnet import BasicBlock as TimmBasicBlock
 from timm.models.resnet import Bottleneck as TimmBottleneck
 from torch import Tensor, nn
 
-from .layers import (
-    ConvNormAct,
-    SkipInit,
-    check_image_options,
-    init_kaiming_,
-    timm_norm_layer,
-    zero_norm_weight_,
-)
+from ..norms.factory import NormFactory, norm_factory
+from .layers import ConvNormAct, SkipInit, check_image_options, init_kaiming_, zero_norm_weight_
 from .registry import register_model
 
 __all__ = ["BasicBlock", "CifarResNet", "ShortcutA"]
@@ -40,12 +34,12 @@ __all__ = ["BasicBlock", "CifarResNet", "ShortcutA"]
 CIFAR_WIDTHS: tuple[int, int, int] = (16, 32, 64)
 
 
-def _resolve_skip_init(norm: str, skip_init: Any, zero_init_residual: Any) -> bool:
+def _resolve_skip_init(norm_layer: NormFactory, skip_init: Any, zero_init_residual: Any) -> bool:
     if skip_init is not None and not isinstance(skip_init, bool):
         raise ValueError(f"skip_init must be True, False or None (on exactly when norm='none'), got {skip_init!r}")
     if not isinstance(zero_init_residual, bool):
         raise ValueError(f"zero_init_residual must be True or False, got {zero_init_residual!r}")
-    return norm == "none" if skip_init is None else skip_init
+    return norm_layer.is_identity if skip_init is None else skip_init
 
 
 class ShortcutA(nn.Module):
@@ -85,12 +79,11 @@ class BasicBlock(nn.Module):
         out_channels: int,
         stride: int = 1,
         *,
-        norm: str = "bn",
-        norm_options: dict[str, Any] | None = None,
+        norm_layer: NormFactory,
         skip_init: bool = False,
     ) -> None:
         super().__init__()
-        unit = {"norm": norm, "norm_options": norm_options, "activation": "relu"}
+        unit = {"norm_layer": norm_layer, "activation": "relu"}
         self.conv1 = ConvNormAct(in_channels, out_channels, 3, stride, **unit)
         self.conv2 = ConvNormAct(out_channels, out_channels, 3, 1, apply_act=False, **unit)
         self.gain = SkipInit() if skip_init else nn.Identity()
@@ -115,7 +108,7 @@ class CifarResNet(nn.Module):
         self,
         depth: int = 20,
         *,
-        norm: str = "bn",
+        norm: str | NormFactory = "bn",
         norm_options: dict[str, Any] | None = None,
         num_classes: int = 10,
         in_chans: int = 3,
@@ -126,17 +119,16 @@ class CifarResNet(nn.Module):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"a CIFAR ResNet's depth must be 6n + 2 with n >= 1 (20, 32, 44, ...), got {depth!r}")
         check_image_options(num_classes, in_chans, 1)
-        use_skip_init = _resolve_skip_init(norm, skip_init, zero_init_residual)
+        norm_layer = norm_factory(norm, norm_options)
+        use_skip_init = _resolve_skip_init(norm_layer, skip_init, zero_init_residual)
         blocks_per_stage = (depth - 2) // 6
-        self.stem = ConvNormAct(in_chans, CIFAR_WIDTHS[0], 3, norm=norm, norm_options=norm_options)
+        self.stem = ConvNormAct(in_chans, CIFAR_WIDTHS[0], 3, norm_layer=norm_layer)
         stages, channels = [], CIFAR_WIDTHS[0]
         for index, width in enumerate(CIFAR_WIDTHS):
             blocks = []
             for position in range(blocks_per_stage):
                 stride = 2 if index > 0 and position == 0 else 1
-                blocks.append(
-                    BasicBlock(channels, width, stride, norm=norm, norm_options=norm_options, skip_init=use_skip_init)
-                )
+                blocks.append(BasicBlock(channels, width, stride, norm_layer=norm_layer, skip_init=use_skip_init))
                 channels = width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
@@ -194,13 +186,14 @@ def _timm_resnet(
     """``timm.create_model(variant)`` with bnzoo's norm. With SkipInit, each block's last norm ``n`` becomes
     ``Sequential(n, SkipInit())``: keys ``bn2.0.*`` / ``bn3.0.*``, gain ``bn2.1.gain`` / ``bn3.1.gain``."""
     check_image_options(num_classes, in_chans, image_size)
-    use_skip_init = _resolve_skip_init(norm, skip_init, zero_init_residual)
+    norm_layer = norm_factory(norm, norm_options)
+    use_skip_init = _resolve_skip_init(norm_layer, skip_init, zero_init_residual)
     model = timm.create_model(
         variant,
         pretrained=False,
         num_classes=num_classes,
         in_chans=in_chans,
-        norm_layer=timm_norm_layer(norm, norm_options),
+        norm_layer=norm_layer.timm_layer(),
         zero_init_last=False,  # done below, on learnable weights only (timm's would zero frozen BN's buffer)
     )
     for block in list(model.modules()):
@@ -222,7 +215,7 @@ _OPTIONS_DOC = """
         num_classes, in_chans: classifier outputs and input channels.
         image_size: accepted for a uniform interface; any size works (global average pooling).
         skip_init: a learnable scalar gain, initialized to 0, at the end of each residual branch (De & Smith
-            2020). None (default): on exactly when ``norm == "none"``.
+            2020). None (default): on exactly when the norm is the identity (``none``).
         zero_init_residual: zero the last norm weight of each residual branch (Goyal et al. 2017), where that
             norm has a weight and ``skip_init`` is off. Default: {zero_init_default}.
     """

@@ -1,4 +1,5 @@
-"""bnzoo's norm layers and the factory that builds them from a plain string.
+"""bnzoo's norm layers, the factory that builds them from a plain string, what a model's norm layers are
+(:mod:`.introspect`) and the recalibration of their statistics (:mod:`.recalibration`).
 
 >>> from bnzoo.norms import make_norm, list_norms
 >>> make_norm("renorm", 64, "2d", r_max=2.0)
@@ -7,20 +8,25 @@ BatchRenorm2d(64, eps=1e-05, momentum=0.01, affine=True, bias=True, track_runnin
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .channel import ChannelGroupNorm, ChannelLayerNorm, default_num_groups
+from .convert import convert_sync_norms, freeze_norms, revert_sync_norms
 from .factory import (
     BUILTIN_NORMS,
     LAYOUTS,
+    NORM_KINDS,
     KindLayer,
-    NormLayer,
-    describe_norms,
+    NormFactory,
+    NormKind,
+    check_norm_config,
     list_norms,
     make_norm,
+    norm_factory,
     norm_layer,
     register_norm,
     register_with_timm,
 )
-from .frozen import FrozenBatchNorm, freeze_norms
+from .frozen import FrozenBatchNorm
 from .norm_act import NormAct, create_activation, with_activation
+from .recalibration import RecalibrationResult, recalibrate_norm_stats
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, batch_renorm_corrections
 from .sequence import (
     SequenceBatchNorm,
@@ -50,7 +56,10 @@ __all__ = [
     "FrozenBatchNorm",
     "KindLayer",
     "NormAct",
-    "NormLayer",
+    "NORM_KINDS",
+    "NormFactory",
+    "NormKind",
+    "RecalibrationResult",
     "SequenceBatchNorm",
     "SequenceBatchRenorm",
     "SequenceFrozenBatchNorm",
@@ -63,15 +72,19 @@ __all__ = [
     "batch_renorm_corrections",
     "create_activation",
     "default_num_groups",
-    "describe_norms",
+    "check_norm_config",
+    "convert_sync_norms",
     "freeze_norms",
+    "revert_sync_norms",
     "global_batch_moments",
     "is_distributed",
     "lengths_to_mask",
     "list_norms",
     "make_norm",
+    "norm_factory",
     "norm_layer",
     "normalize_with_moments",
+    "recalibrate_norm_stats",
     "register_norm",
     "register_with_timm",
     "sequence_mask",

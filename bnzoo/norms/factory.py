@@ -18,17 +18,17 @@ is a config string everywhere a user meets it.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import sys
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from ..registry import Registry, check_options
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, check_norm_args
 from .channel import ChannelGroupNorm, ChannelLayerNorm, default_num_groups
 from .frozen import FrozenBatchNorm
@@ -47,10 +47,15 @@ __all__ = [
     "BUILTIN_NORMS",
     "LAYOUTS",
     "NORM_ACT_ARGUMENTS",
+    "NORM_KINDS",
     "KindLayer",
-    "NormLayer",
+    "NormFactory",
+    "NormKind",
+    "NormLayerCallable",
+    "check_norm_config",
     "list_norms",
     "make_norm",
+    "norm_factory",
     "norm_layer",
     "register_norm",
     "register_with_timm",
@@ -62,36 +67,37 @@ NormBuilder = Callable[..., nn.Module]
 
 
 @dataclass(frozen=True)
-class _NormKind:
+class NormKind:
+    """A registered norm kind: its builder, one-line description, options (the builder's keyword-only
+    parameters) and whether its layers are the identity (``none``: models then add what the norm would have
+    provided, e.g. SkipInit or a bias)."""
+
     name: str
     builder: NormBuilder
     description: str
     options: tuple[str, ...]
+    identity: bool = False
 
 
-_KINDS: dict[str, _NormKind] = {}
+NORM_KINDS: Registry[NormKind] = Registry("norm kind", "kinds")
 
 
-def register_norm(name: str, description: str = "") -> Callable[[NormBuilder], NormBuilder]:
+def register_norm(name: str, description: str = "", *, identity: bool = False) -> Callable[[NormBuilder], NormBuilder]:
     """Register a norm kind. Decorates ``builder(num_features, layout, *, option=default, ...)``.
 
     The builder's keyword-only parameters are the kind's options; :func:`make_norm` rejects any other option
-    with the list of valid ones. Example::
+    with the list of valid ones. ``identity=True`` says the kind normalizes nothing (as ``none``). Example::
 
         @register_norm("scaled_bn", "BatchNorm with a fixed output scale")
         def _build(num_features: int, layout: str, *, scale: float = 2.0) -> nn.Module:
             return nn.Sequential(make_norm("bn", num_features, layout), Scale(scale))
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a norm kind's name must be a non-empty string, got {name!r}")
 
     def decorate(builder: NormBuilder) -> NormBuilder:
-        if name in _KINDS:
-            raise ValueError(f"norm kind {name!r} is already registered")
         params = inspect.signature(builder).parameters.values()
         options = tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
         doc = description or (inspect.getdoc(builder) or "").split("\n")[0]
-        _KINDS[name] = _NormKind(name, builder, doc, options)
+        NORM_KINDS.register(name, NormKind(name, builder, doc, options, identity))
         return builder
 
     return decorate
@@ -99,22 +105,7 @@ def register_norm(name: str, description: str = "") -> Callable[[NormBuilder], N
 
 def list_norms() -> list[str]:
     """The registered norm kinds, sorted."""
-    return sorted(_KINDS)
-
-
-def describe_norms() -> dict[str, str]:
-    """Each registered kind with its one-line description and options."""
-    return {k.name: f"{k.description} (options: {', '.join(k.options) or 'none'})" for k in _KINDS.values()}
-
-
-def _lookup(kind: Any) -> _NormKind:
-    if not isinstance(kind, str) or kind not in _KINDS:
-        hint = ""
-        if isinstance(kind, str):
-            close = difflib.get_close_matches(kind, list(_KINDS), n=3)
-            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        raise ValueError(f"unknown norm kind {kind!r}{hint}; valid kinds: {', '.join(list_norms())}")
-    return _KINDS[kind]
+    return NORM_KINDS.names()
 
 
 def _check_layout(layout: Any) -> str:
@@ -129,30 +120,60 @@ def make_norm(kind: str, num_features: int, layout: str = "2d", **options: Any) 
     Extra keyword ``options`` pass through to the layer (``eps``, ``momentum``, ``r_max``, ``num_groups``, ...).
     An unknown kind, layout or option fails here, with the valid choices in the message.
     """
-    spec = _lookup(kind)
+    spec = NORM_KINDS.get(kind)
     _check_layout(layout)
-    _check_options(spec, options)
+    check_options("norm kind", kind, options, spec.options)
     check_norm_args(num_features, 1.0, None)
     return spec.builder(num_features, layout, **options)
 
 
 def check_norm_config(kind: str, options: dict[str, Any]) -> None:
     """Raise a ValueError for an unknown kind or option, without building a layer."""
-    _check_options(_lookup(kind), options)
+    check_options("norm kind", kind, options, NORM_KINDS.get(kind).options)
 
 
-def _check_options(spec: _NormKind, options: dict[str, Any]) -> None:
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        valid = ", ".join(spec.options) or "none"
-        raise ValueError(
-            f"norm kind {spec.name!r} got unknown option(s) {', '.join(unknown)}; "
-            f"valid options for {spec.name!r}: {valid}"
-        )
+@dataclass(frozen=True)
+class NormFactory:
+    """One norm kind with its options, decided once by a model's entry point and passed down to every layer that
+    needs a norm: ``factory(num_features, layout="2d")`` is ``make_norm(kind, num_features, layout, **options)``.
+
+    Models ask the factory, never the kind's name: ``factory.is_identity`` (the ``none`` kind, or any kind
+    registered with ``identity=True``) is how a model knows there is no norm.
+    """
+
+    kind: str = "bn"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, Mapping):
+            raise TypeError(f"norm_options must be a dict of options of the norm kind or None, got {self.options!r}")
+        object.__setattr__(self, "options", dict(self.options))
+        check_norm_config(self.kind, self.options)
+
+    def __call__(self, num_features: int, layout: str = "2d") -> nn.Module:
+        return make_norm(self.kind, num_features, layout, **self.options)
+
+    @property
+    def is_identity(self) -> bool:
+        return NORM_KINDS.get(self.kind).identity
+
+    def timm_layer(self, layout: str = "2d") -> NormLayerCallable:
+        """This kind as the ``norm_layer`` argument of timm's and torchvision's constructors (:func:`norm_layer`)."""
+        return norm_layer(self.kind, layout, **self.options)
+
+
+def norm_factory(norm: str | NormFactory = "bn", norm_options: Mapping[str, Any] | None = None) -> NormFactory:
+    """The :class:`NormFactory` of a model entry point's ``norm`` and ``norm_options`` (validated here, so a bad
+    kind or option fails before any layer is built)."""
+    if isinstance(norm, NormFactory):
+        if norm_options:
+            raise ValueError("norm_options must be empty when norm is already a NormFactory")
+        return norm
+    return NormFactory(norm, {} if norm_options is None else norm_options)
 
 
 #: what :func:`norm_layer` returns: ``f(num_features, **model_kwargs) -> nn.Module``
-NormLayer = Callable[..., nn.Module]
+NormLayerCallable = Callable[..., nn.Module]
 
 #: the arguments of timm's norm + activation layers (``BatchNormAct2d``): their presence asks for one
 NORM_ACT_ARGUMENTS: tuple[str, ...] = ("act_layer", "apply_act", "act_kwargs", "inplace", "drop_layer")
@@ -178,7 +199,7 @@ class KindLayer:
     ) -> nn.Module:
         norm_act = {key: model_kwargs.pop(key) for key in NORM_ACT_ARGUMENTS if key in model_kwargs}
         placement = {key: value for key in ("device", "dtype") if (value := model_kwargs.pop(key, None)) is not None}
-        accepted = _KINDS[kind].options
+        accepted = NORM_KINDS.get(kind).options
         merged = {key: value for key, value in model_kwargs.items() if key in accepted}
         merged.update(options)
         layer = make_norm(kind, num_features, layout, **merged)
@@ -213,7 +234,7 @@ def register_with_timm() -> bool:
     return True
 
 
-def norm_layer(kind: str, layout: str = "2d", **options: Any) -> NormLayer:
+def norm_layer(kind: str, layout: str = "2d", **options: Any) -> NormLayerCallable:
     """A ``norm_layer(num_features)`` callable of one kind, for constructors that take a norm *class*
     (``timm.create_model(..., norm_layer=norm_layer("renorm", r_max=2.0))``, torchvision's models).
 
@@ -223,7 +244,7 @@ def norm_layer(kind: str, layout: str = "2d", **options: Any) -> NormLayer:
     not accept (e.g. timm's ``eps`` for ``none``) are dropped; the user's own ``options`` are validated here,
     not deep inside a model.
     """
-    _check_options(_lookup(kind), options)
+    check_norm_config(kind, options)
     _check_layout(layout)
     register_with_timm()
     return functools.partial(KindLayer, kind=kind, layout=layout, options=dict(options))
@@ -237,7 +258,7 @@ def _by_layout(layout: str, classes: tuple[type[nn.Module], ...]) -> type[nn.Mod
     return dict(zip(LAYOUTS, classes, strict=True))[layout]
 
 
-@register_norm("none", "no normalization (identity)")
+@register_norm("none", "no normalization (identity)", identity=True)
 def _build_none(num_features: int, layout: str) -> nn.Module:
     return SequenceIdentity(num_features) if layout == "seq" else nn.Identity()
 
@@ -294,7 +315,7 @@ def _build_frozen(num_features: int, layout: str, *, eps: float = 1e-5) -> nn.Mo
 
 BUILTIN_NORMS: tuple[str, ...] = tuple(list_norms())
 """The kinds bnzoo ships; :func:`list_norms` also lists those registered later (by users, or by
-:mod:`bnzoo.experiments`)."""
+:mod:`bnzoo_lab`, inside its registry scope)."""
 
 if "timm" in sys.modules:  # e.g. a pickled norm_layer loaded in a process that already uses timm
     register_with_timm()

@@ -3,8 +3,8 @@
 The layer computes ``y = weight * (x - running_mean) / sqrt(running_var + eps) + bias`` (Ioffe & Szegedy 2015,
 Alg. 2, inference) with every tensor a buffer: nothing is learned and nothing is updated, in training mode too.
 Its state dict has BatchNorm's keys (``num_batches_tracked`` is accepted and ignored), so trained BatchNorm or
-Batch Renorm weights load into it directly; :func:`freeze_norms` converts a whole model, as detectron2's
-``FrozenBatchNorm2d.convert_frozen_batchnorm`` does.
+Batch Renorm weights load into it directly; :func:`bnzoo.norms.convert.freeze_norms` converts a whole model, as
+detectron2's ``FrozenBatchNorm2d.convert_frozen_batchnorm`` does.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import check_channels, check_norm_args
 
-__all__ = ["FrozenBatchNorm", "freeze_norms"]
+__all__ = ["FrozenBatchNorm"]
 
 
 class FrozenBatchNorm(nn.Module):
@@ -71,26 +71,3 @@ class FrozenBatchNorm(nn.Module):
             frozen.running_mean.copy_(bn.running_mean)
             frozen.running_var.copy_(bn.running_var)
         return frozen
-
-
-def freeze_norms(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm-like layer (``bn``, ``renorm``, their sequence variants) of ``module`` by a frozen
-    copy: :class:`FrozenBatchNorm`, or ``SequenceFrozenBatchNorm`` for the (batch, time, features) layers.
-
-    A norm + activation layer (bnzoo's :func:`~bnzoo.norms.norm_act.with_activation`, timm's ``BatchNormAct2d``)
-    stays one: the frozen copy keeps its ``drop`` and ``act``. Returns the converted module (a new object when
-    ``module`` itself is such a layer).
-    """
-    from .norm_act import activation_of, with_activation
-    from .sequence import SequenceFrozenBatchNorm, SequenceNorm
-
-    if isinstance(module, _BatchNorm):
-        frozen_class = SequenceFrozenBatchNorm if isinstance(module, SequenceNorm) else FrozenBatchNorm
-        frozen = frozen_class.from_batchnorm(module)
-        extras = activation_of(module)
-        return frozen if extras is None else with_activation(frozen, act=extras[1], drop=extras[0])
-    for name, child in module.named_children():
-        converted = freeze_norms(child)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module

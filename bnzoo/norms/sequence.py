@@ -70,9 +70,7 @@ def sequence_mask(
     if lengths is not None:
         lengths = torch.as_tensor(lengths, device=device)
         if torch.is_floating_point(lengths) or torch.is_complex(lengths) or lengths.dtype == torch.bool:
-            raise TypeError(
-                f"lengths must be an integer tensor (valid steps per sequence), got dtype {lengths.dtype}"
-            )
+            raise TypeError(f"lengths must be an integer tensor (valid steps per sequence), got dtype {lengths.dtype}")
         if lengths.shape != (batch,):
             raise ValueError(f"lengths must have shape ({batch},), got {tuple(lengths.shape)}")
         lo, hi = int(lengths.min()), int(lengths.max())

@@ -1,7 +1,0 @@
-"""``python -m bnzoo.experiments ...`` is ``bnzoo experiment ...``."""
-
-import sys
-
-from bnzoo.experiments import main
-
-sys.exit(main())
