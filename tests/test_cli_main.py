@@ -44,7 +44,8 @@ def test_an_unknown_subcommand_is_one_line_with_the_closest(capsys: pytest.Captu
 def test_lightnings_tensorboard_logger_and_lr_monitor_by_short_name(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", str(ROOT / "configs" / "digits" / "mlp.yaml"), "--trainer.max_steps", "3",
-            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.log_every_n_steps", "1",
             "--trainer.logger", "TensorBoardLogger", "--trainer.logger.save_dir", "tb",
             "--trainer.callbacks+=LearningRateMonitor", "--trainer.callbacks.logging_interval", "step"]  # fmt: skip
     assert main(args) == 0
