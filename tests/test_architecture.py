@@ -131,7 +131,17 @@ def test_import_bnzoo_loads_no_lightning_and_no_lab_kinds() -> None:
 def test_an_installed_wheel_works_outside_the_repository(tmp_path: Path) -> None:
     """Build a wheel, install it (no dependencies: they come from this environment) into a fresh virtual
     environment, and run the commands a user meets first from a folder outside the checkout."""
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path / "dist"),
+    ]
     built = subprocess.run([*command, str(ROOT)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("bnzoo-*.whl")
