@@ -32,6 +32,15 @@ from ..registry import Registry, check_options
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, check_norm_args
 from .channel import ChannelGroupNorm, ChannelLayerNorm, default_num_groups
 from .frozen import FrozenBatchNorm
+from .ghost import (
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    GhostBatchRenorm1d,
+    GhostBatchRenorm2d,
+    GhostBatchRenorm3d,
+    check_virtual_batch_size,
+)
 from .norm_act import create_activation, with_activation
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .sequence import (
@@ -258,6 +267,19 @@ def _by_layout(layout: str, classes: tuple[type[nn.Module], ...]) -> type[nn.Mod
     return dict(zip(LAYOUTS, classes, strict=True))[layout]
 
 
+def _ghost_options(kind: str, layout: str, virtual_batch_size: Any) -> dict[str, int]:
+    """The ghost-batch constructor argument, or nothing; refuses the sequence layout by name (its batch
+    statistics are over the valid steps of all sequences, which a group of whole samples does not split)."""
+    if check_virtual_batch_size(virtual_batch_size) is None:
+        return {}
+    if layout == "seq":
+        raise ValueError(
+            f"norm kind {kind!r}: virtual_batch_size is not supported for the 'seq' layout (statistics over the "
+            "valid steps of every sequence); use it with the 1d, 2d or 3d layouts"
+        )
+    return {"virtual_batch_size": virtual_batch_size}
+
+
 @register_norm("none", "no normalization (identity)", identity=True)
 def _build_none(num_features: int, layout: str) -> nn.Module:
     return SequenceIdentity(num_features) if layout == "seq" else nn.Identity()
@@ -272,9 +294,15 @@ def _build_bn(
     momentum: float | None = 0.1,
     affine: bool = True,
     track_running_stats: bool = True,
+    virtual_batch_size: int | None = None,
 ) -> nn.Module:
-    cls = _by_layout(layout, (BatchNorm1d, BatchNorm2d, BatchNorm3d, SequenceBatchNorm))
-    return cls(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats)
+    """``virtual_batch_size=k``: ghost batches of k consecutive samples (:mod:`bnzoo.norms.ghost`)."""
+    ghost = _ghost_options("bn", layout, virtual_batch_size)
+    plain = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SequenceBatchNorm)
+    cls = _by_layout(layout, (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, None) if ghost else plain)
+    return cls(
+        num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats, **ghost
+    )
 
 
 @register_norm("renorm", "Batch Renormalization (Ioffe 2017)")
@@ -287,9 +315,14 @@ def _build_renorm(
     r_max: float = 3.0,
     d_max: float = 5.0,
     affine: bool = True,
+    virtual_batch_size: int | None = None,
 ) -> nn.Module:
-    cls = _by_layout(layout, (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, SequenceBatchRenorm))
-    return cls(num_features, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max, affine=affine)
+    """``virtual_batch_size=k``: ghost batches of k consecutive samples, r and d per group
+    (:mod:`bnzoo.norms.ghost`)."""
+    ghost = _ghost_options("renorm", layout, virtual_batch_size)
+    plain = (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, SequenceBatchRenorm)
+    cls = _by_layout(layout, (GhostBatchRenorm1d, GhostBatchRenorm2d, GhostBatchRenorm3d, None) if ghost else plain)
+    return cls(num_features, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max, affine=affine, **ghost)
 
 
 @register_norm("gn", "Group Normalization (Wu & He 2018)")
