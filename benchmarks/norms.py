@@ -6,11 +6,16 @@ measured in the same run, per shape. Usage::
     OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.norms            # CPU table
     .venv/bin/python -m benchmarks.norms --device cuda                # on a GPU machine
     .venv/bin/python -m benchmarks.norms --quick                      # smoke run
+
+Each shape is timed in float32 and in bf16 autocast (``--dtypes``): under autocast a norm receives the bf16
+output of the convolution or linear layer before it, with float32 parameters and running statistics, so the
+bf16 rows feed a bf16 input (and a bf16 upstream gradient) to every candidate inside ``torch.autocast``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +38,9 @@ SHAPES: list[tuple[int, ...]] = [
 class NaiveBatchRenorm2d(nn.Module):
     """Batch Renorm (Ioffe 2017, Alg. 1) in plain tensor ops, the way most public implementations write it."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.01, r_max: float = 3.0,
-                 d_max: float = 5.0) -> None:
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, momentum: float = 0.01, r_max: float = 3.0, d_max: float = 5.0
+    ) -> None:
         super().__init__()
         self.eps, self.momentum, self.r_max, self.d_max = eps, momentum, r_max, d_max
         self.weight = nn.Parameter(torch.ones(num_features))
@@ -56,40 +62,52 @@ class NaiveBatchRenorm2d(nn.Module):
         return self.weight.view(shape) * x_hat + self.bias.view(shape)
 
 
-def _step(layer: nn.Module, x: Tensor, upstream: Tensor):
+DTYPES = ("float32", "bf16")
+
+
+def _step(layer: nn.Module, x: Tensor, upstream: Tensor, device: str, dtype: str):
     def run() -> None:
         x.grad = None
-        layer(x).backward(upstream)
+        context = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+        with context:
+            out = layer(x)
+        out.backward(upstream)
 
     return run
 
 
-def benchmark(shapes: list[tuple[int, ...]], device: str, rounds: int) -> list[dict[str, object]]:
+def benchmark(
+    shapes: list[tuple[int, ...]], device: str, rounds: int, dtypes: tuple[str, ...] = DTYPES
+) -> list[dict[str, object]]:
     rows = []
-    for shape in shapes:
-        channels = shape[1]
-        layout = "1d" if len(shape) == 2 else "2d"
-        x = (torch.randn(shape, device=device) * 2 + 1).requires_grad_()
-        upstream = torch.randn(shape, device=device)
-        layers = {
-            "bn": make_norm("bn", channels, layout),
-            "renorm": make_norm("renorm", channels, layout),
-            "naive renorm": NaiveBatchRenorm2d(channels),
-        }
-        candidates = {name: _step(layer.to(device).train(), x, upstream) for name, layer in layers.items()}
-        if device == "cuda":
-            candidates = {name: _synchronized(fn) for name, fn in candidates.items()}
-        times = compare(candidates, rounds=rounds)
-        rows.append(
-            {
-                "shape": "x".join(map(str, shape)),
-                "bn ms": times["bn"] * 1e3,
-                "renorm ms": times["renorm"] * 1e3,
-                "renorm / bn": times["renorm"] / times["bn"],
-                "naive / bn": times["naive renorm"] / times["bn"],
-            }
-        )
+    for dtype in dtypes:
+        rows += [_benchmark_shape(shape, device, rounds, dtype) for shape in shapes]
     return rows
+
+
+def _benchmark_shape(shape: tuple[int, ...], device: str, rounds: int, dtype: str) -> dict[str, object]:
+    channels = shape[1]
+    layout = "1d" if len(shape) == 2 else "2d"
+    data_type = torch.bfloat16 if dtype == "bf16" else torch.float32
+    x = (torch.randn(shape, device=device) * 2 + 1).to(data_type).requires_grad_()
+    upstream = torch.randn(shape, device=device, dtype=data_type)
+    layers = {
+        "bn": make_norm("bn", channels, layout),
+        "renorm": make_norm("renorm", channels, layout),
+        "naive renorm": NaiveBatchRenorm2d(channels),
+    }
+    candidates = {name: _step(layer.to(device).train(), x, upstream, device, dtype) for name, layer in layers.items()}
+    if device == "cuda":
+        candidates = {name: _synchronized(fn) for name, fn in candidates.items()}
+    times = compare(candidates, rounds=rounds)
+    return {
+        "dtype": dtype,
+        "shape": "x".join(map(str, shape)),
+        "bn ms": times["bn"] * 1e3,
+        "renorm ms": times["renorm"] * 1e3,
+        "renorm / bn": times["renorm"] / times["bn"],
+        "naive / bn": times["naive renorm"] / times["bn"],
+    }
 
 
 def _synchronized(fn):
@@ -105,13 +123,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="two small shapes, few rounds")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per shape (default 15)")
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES), help="float32 and/or bf16 (autocast)"
+    )
     args = parser.parse_args()
     shapes = [(16, 8, 8, 8), (64, 32)] if args.quick else SHAPES
-    rows = benchmark(shapes, args.device, rounds=3 if args.quick else args.rounds)
+    rows = benchmark(shapes, args.device, rounds=3 if args.quick else args.rounds, dtypes=tuple(args.dtypes))
     print(f"Forward + backward, training mode, {args.device}: {machine_line()}")
-    print(format_table(rows, ["shape", "bn ms", "renorm ms", "renorm / bn", "naive / bn"]))
-    worst = max(float(r["renorm / bn"]) for r in rows)  # type: ignore[arg-type]
-    print(f"worst renorm / bn: {worst:.3f} (target <= 1.15)")
+    print(format_table(rows, ["dtype", "shape", "bn ms", "renorm ms", "renorm / bn", "naive / bn"]))
+    for dtype in args.dtypes:
+        worst = max(float(r["renorm / bn"]) for r in rows if r["dtype"] == dtype)  # type: ignore[arg-type]
+        print(f"worst renorm / bn, {dtype}: {worst:.3f} (target <= 1.15)")
 
 
 if __name__ == "__main__":
