@@ -45,7 +45,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from ..callbacks.checkpoints import BestCheckpoint, LastCheckpoint
 from ..checkpoint_io import AtomicCheckpointIO
 from ..io import safe_torch_load, sweep_temporaries
-from ..tasks.classification import ClassificationTask, check_task_hparams
+from ..tasks.classification import ClassificationTask
+from ..tasks.hparams import check_task_hparams
 from ..zoo.checkpoint import resolve_ckpt_path
 from ..zoo.trust import check_checkpoint_hyperparameters
 from .config import (

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _SyncableBatchNorm, check_channels, update_rate
-from .opaque import call_opaque
+from .opaque import batch_moments, call_opaque
 from .renorm import (
     BatchRenorm1d,
     BatchRenorm2d,
@@ -241,7 +241,7 @@ class _GhostBatchRenorm(GhostBatchMixin, _BatchRenorm):
         with torch.no_grad():
             # float32 buffers with momentum 0: float32 moments for bf16/fp16 inputs, nothing written
             like = torch.zeros(grouped.shape[1], dtype=self.running_mean.dtype, device=input.device)
-            mean, var = torch.batch_norm_update_stats(grouped, like, like.clone(), 0.0)
+            mean, var = batch_moments(grouped, like, like.clone())
         r, d, invstd, batch_std = call_opaque(
             _ghost_renorm_corrections_op,
             _ghost_renorm_corrections,

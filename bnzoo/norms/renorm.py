@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import check_channels, check_norm_args, update_rate
-from .opaque import call_opaque
+from .opaque import batch_moments, call_opaque
 from .sync import SyncableNorm, global_batch_moments, normalize_with_moments
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "batch_renorm_corrections"]
@@ -225,7 +225,7 @@ class _BatchRenorm(SyncableNorm, _BatchNorm):
             with torch.no_grad():
                 # Passing the float32 running buffers with momentum 0 leaves them unchanged and makes the
                 # kernel return float32 moments for bf16/fp16 inputs.
-                mean, var = torch.batch_norm_update_stats(input, self.running_mean, self.running_var, 0.0)
+                mean, var = batch_moments(input, self.running_mean, self.running_var)
         r, d, invstd = call_opaque(
             _renorm_step_op,
             _renorm_step,

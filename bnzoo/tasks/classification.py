@@ -13,8 +13,6 @@ arguments replace these defaults when given.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -24,76 +22,15 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..checkpoint_io import SafeLoadFromCheckpoint
-from ..models.registry import build_model, check_model_options
-from ..models.registry import model_options as options_of_model
-from ..norms.factory import check_norm_config
+from ..models.registry import build_model
 from ..norms.sync import all_reduce_sum
-from ..optim import SCHEDULES, WarmupSchedule, build_sgd
+from ..optim import WarmupSchedule, build_sgd
 from ..plugins import check_layer_sync
 from ..zoo.checkpoint import TASK_CLASS_KEY
+from .compiling import compile_network, uncompiled_call
+from .hparams import check_model_config, check_task_hparams
 
 __all__ = ["ClassificationTask", "ImageClassifier", "SequenceClassifier", "check_model_config", "check_task_hparams"]
-
-
-def check_model_config(
-    model: str | None, norm: str | None, norm_options: dict[str, Any] | None, model_options: dict[str, Any] | None
-) -> None:
-    """Raise a ValueError naming the bad value and the valid choices for an unknown model, norm kind, norm
-    option or model option -- without building anything. ``model_options.pretrained`` is refused: a task's
-    weights come from a checkpoint (``--ckpt_path``, :func:`bnzoo.load_pretrained`), never from a download or file
-    its options name."""
-    if model_options and "pretrained" in model_options:
-        own = sorted(set(options_of_model(model)) - {"norm", "norm_options", "num_classes"}) if model else []
-        raise ValueError(
-            f"model_options.pretrained={model_options['pretrained']!r} is not an option of a task: its weights come "
-            "from a checkpoint (--ckpt_path, or bnzoo.load_pretrained() then fit); valid model options: "
-            + (", ".join(own) or "those of the model")
-        )
-    if model is not None:
-        check_model_options(model, model_options or {})
-    if norm is not None:
-        check_norm_config(norm, norm_options or {})
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-#: the task's numeric hyperparameters: (test, what is valid)
-_NUMERIC_RULES: dict[str, tuple[Any, str]] = {
-    "lr": (lambda v: _number(v) and math.isfinite(v) and v > 0, "a finite number > 0"),
-    "momentum": (lambda v: _number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    "weight_decay": (lambda v: _number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    "gamma": (lambda v: _number(v) and math.isfinite(v) and v > 0, "a finite number > 0"),
-    "label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "aux_loss_weight": (lambda v: _number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    "warmup_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
-    "num_classes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
-    "milestones": (
-        lambda v: (
-            v is None
-            or (
-                isinstance(v, (list, tuple))
-                and all(_number(m) and 0 < m < 1 for m in v)
-                and all(a < b for a, b in zip(v, v[1:], strict=False))
-            )
-        ),
-        "null or increasing fractions of training in (0, 1)",
-    ),
-}
-
-
-def check_task_hparams(hparams: Mapping[str, Any]) -> None:
-    """Raise a ValueError naming the first bad task hyperparameter of ``hparams`` (any subset of a task's
-    arguments), its value and what is valid: the model, norm and their options (:func:`check_model_config`), the
-    schedule, and the optimizer's numbers (a learning rate of ``nan`` or ``-1`` would otherwise train an epoch, or
-    fail deep in torch)."""
-    check_model_config(*(hparams.get(k) for k in ("model", "norm", "norm_options", "model_options")))
-    if "schedule" in hparams and hparams["schedule"] not in SCHEDULES:
-        raise ValueError(f"unknown schedule {hparams['schedule']!r}; valid schedules: {', '.join(SCHEDULES)}")
-    for name, (valid, rule) in _NUMERIC_RULES.items():
-        if name in hparams and not valid(hparams[name]):
-            raise ValueError(f"{name} must be {rule}, got {hparams[name]!r}")
 
 
 def _acc_name(k: int) -> str:
@@ -116,6 +53,9 @@ class ClassificationTask(SafeLoadFromCheckpoint, L.LightningModule):
         label_smoothing: of the cross-entropy loss.
         aux_loss_weight: weight of an auxiliary classifier's loss (Inception-v3 with ``aux_logits``; 0.4 as in
             Szegedy et al. 2016), for models that return ``(logits, aux_logits)`` in training.
+        compile: compile the network with ``torch.compile(**compile_options)`` in ``configure_model``, in place:
+            the state dict keeps the uncompiled keys (:mod:`bnzoo.tasks.compiling`); ``compile_options``: the
+            plain-typed keywords of ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ``fullgraph``, ...).
     """
 
     def __init__(
@@ -137,6 +77,8 @@ class ClassificationTask(SafeLoadFromCheckpoint, L.LightningModule):
         gamma: float = 0.1,
         label_smoothing: float = 0.0,
         aux_loss_weight: float = 0.4,
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_task_hparams(
@@ -144,7 +86,8 @@ class ClassificationTask(SafeLoadFromCheckpoint, L.LightningModule):
                 "model": model, "norm": norm, "norm_options": norm_options, "model_options": model_options,
                 "num_classes": num_classes, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                 "schedule": schedule, "warmup_steps": warmup_steps, "milestones": milestones, "gamma": gamma,
-                "label_smoothing": label_smoothing, "aux_loss_weight": aux_loss_weight,
+                "label_smoothing": label_smoothing, "aux_loss_weight": aux_loss_weight, "compile": compile,
+                "compile_options": compile_options,
             }
         )  # fmt: skip
         self.save_hyperparameters()
@@ -175,20 +118,26 @@ class ClassificationTask(SafeLoadFromCheckpoint, L.LightningModule):
     def setup(self, stage: str) -> None:
         check_layer_sync(self.trainer, self)
 
+    def configure_model(self) -> None:
+        """Compile the network (``compile=True``) before the trainer runs it; once, whatever the stages."""
+        if self.hparams.compile:
+            compile_network(self.model, self.hparams.compile_options or {})
+
     @staticmethod
     def _accuracy_metrics(num_classes: int, top_k: tuple[int, ...]) -> nn.ModuleDict:
         return nn.ModuleDict({_acc_name(k): MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in top_k})
 
     def forward(self, *inputs: Tensor) -> Any:
         """The network's output. Traced (TensorBoard's ``log_graph`` traces one forward of
-        ``example_input_array``), the network runs in eval mode: a training-mode trace would update every norm
-        layer's running statistics with a batch of zeros before training starts."""
-        if torch.jit.is_tracing() and self.model.training:
+        ``example_input_array``), the network runs in eval mode -- a training-mode trace would update every norm
+        layer's running statistics with a batch of zeros before training starts -- and uncompiled."""
+        if torch.jit.is_tracing():
+            mode = self.model.training
             self.model.eval()
             try:
-                return self.model(*inputs)
+                return uncompiled_call(self.model, *inputs)
             finally:
-                self.model.train()
+                self.model.train(mode)
         return self.model(*inputs)
 
     def loss(self, output: Tensor | tuple[Tensor, Tensor], target: Tensor, reduction: str = "mean") -> Tensor:
