@@ -1,5 +1,6 @@
 """bnzoo's norm layers, the factory that builds them from a plain string, what a model's norm layers are
-(:mod:`.introspect`) and the recalibration of their statistics (:mod:`.recalibration`).
+(:mod:`.introspect`), the recalibration of their statistics (:mod:`.recalibration`) and their folding into
+the layer before them for inference (:mod:`.fusion`).
 
 >>> from bnzoo.norms import make_norm, list_norms
 >>> make_norm("renorm", 64, "2d", r_max=2.0)
@@ -25,6 +26,7 @@ from .factory import (
     register_with_timm,
 )
 from .frozen import FrozenBatchNorm
+from .fusion import FoldReport, add_conv_biases_, fold_norms, fuse_norms
 from .norm_act import NormAct, create_activation, with_activation
 from .recalibration import RecalibrationResult, recalibrate_norm_stats
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, batch_renorm_corrections
@@ -53,6 +55,7 @@ __all__ = [
     "BatchRenorm3d",
     "ChannelGroupNorm",
     "ChannelLayerNorm",
+    "FoldReport",
     "FrozenBatchNorm",
     "KindLayer",
     "NormAct",
@@ -68,13 +71,16 @@ __all__ = [
     "SequenceLayerNorm",
     "SequenceNorm",
     "SyncableNorm",
+    "add_conv_biases_",
     "all_reduce_sum",
     "batch_renorm_corrections",
     "create_activation",
     "default_num_groups",
     "check_norm_config",
     "convert_sync_norms",
+    "fold_norms",
     "freeze_norms",
+    "fuse_norms",
     "revert_sync_norms",
     "global_batch_moments",
     "is_distributed",
