@@ -273,7 +273,7 @@ class ImageDataModule(InMemoryDataModule):
         download: bool = True,
     ) -> None:
         super().__init__(data_dir, batch_size, num_workers, val_size, seed, train_subset, normalization, download)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged by the task's logged_hparams()
         self.augment = augment
         self._train_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
