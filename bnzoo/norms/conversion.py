@@ -61,7 +61,9 @@ def replace_modules(
     built: dict[int, nn.Module] = {}
 
     def visit(parent: nn.Module, prefix: str) -> None:
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in list(parent._modules.items()):  # every slot: named_children skips repeats
+            if child is None:
+                continue
             name = f"{prefix}.{child_name}" if prefix else child_name
             if id(child) in built:
                 parent.add_module(child_name, built[id(child)])
@@ -81,7 +83,7 @@ def replace_modules(
 def _pattern_tuple(patterns: Patterns, what: str) -> tuple[str, ...]:
     if patterns is None:
         return ()
-    items = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    items = (patterns,) if isinstance(patterns, str) else tuple(patterns) if isinstance(patterns, Sequence) else ()
     if not items or not all(isinstance(p, str) for p in items):
         raise TypeError(f"{what} must be a module-name pattern or a list of them (fnmatch), got {patterns!r}")
     return items
