@@ -116,7 +116,7 @@ def _curve(ax: Axes, panel: dict[str, Any], spec: ExperimentSpec, results: Resul
             steps, stacked = _seed_stack(kept, series, window)
             mean, low, high = _stats(stacked)
             marker = "o" if len(steps) <= 12 else None
-            text = label if not lost else f"{label} ({len(kept)} seeds)"
+            text = label if not lost else f"{label} ({len(kept)} seed{'s' if len(kept) > 1 else ''})"
             ax.plot(steps, mean, color=color, label=text, lw=1.4, marker=marker, ms=3)
             if len(stacked) > 1:
                 ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)

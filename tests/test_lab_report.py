@@ -132,7 +132,7 @@ def test_readme_summary_is_rewritten_between_the_markers(tmp_path: Path) -> None
     assert text.startswith("# title\n\nbefore\n" + BEGIN + "\n") and text.endswith(END + "\nafter\n")
     assert "hand-written" not in text
     assert "1 experiments, 10 training runs, 2 findings: 1 reproduced, 1 not reproduced." in text
-    assert "| C99 | a beats b |" in text and "Welch t, one-sided" in text
+    assert "| C99 | a test | 2: 1 reproduced, 1 not reproduced | [c99_test](" in text
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="needs one <!-- claims:begin --> line"):
         write_readme(readme, ["x"])
