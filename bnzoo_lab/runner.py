@@ -7,7 +7,9 @@ can be repeated by hand with ``bnzoo fit --config <that file>``. After training 
 (``test``: accuracy on the test split in eval mode, i.e. with the running statistics; ``recalibrated``: the
 same after :func:`bnzoo.norms.recalibrate_norm_stats`; ``variance_shift``: running variance over the test-time
 variance of every norm layer's input) and collects the histories of the diagnostics callbacks in the config.
-The results of all runs go to ``<results_dir>/<experiment>.json``, from which ``bnzoo experiment report`` works.
+The results of all runs go to ``<results_dir>/<experiment>.json`` with their provenance (the code's commit, the
+sources' and the spec's hashes, the package versions: :mod:`bnzoo_lab.provenance`), from which
+``bnzoo experiment report`` works.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from bnzoo.io import atomic_write_bytes
 from bnzoo.norms.introspect import normalized_rows, stat_norm_layers
 from bnzoo.norms.recalibration import MomentSums, recalibrate_norm_stats
 
+from .provenance import collect as collect_provenance
 from .recorder import MetricsRecorder
 from .spec import ExperimentSpec, Variant, deep_merge, load_spec
 
@@ -226,7 +229,7 @@ def run_experiment(
     seeds = list(seeds if seeds is not None else (spec.quick_seeds if quick else spec.seeds))
     results_dir.mkdir(parents=True, exist_ok=True)
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
-    before = machine()
+    before, provenance = machine(), collect_provenance(spec)  # the code and spec as the runs start
     runs = []
     for variant in spec.variants.values():
         for seed in seeds:
@@ -243,6 +246,7 @@ def run_experiment(
         "started": started.isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - start,
         "machine": before,
+        "provenance": provenance,
         "load_avg_after": list(os.getloadavg()),
         "runs": runs,
     }
