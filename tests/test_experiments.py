@@ -150,6 +150,29 @@ def test_group_sides_reduce_seed_by_seed_and_constants() -> None:
     assert side_values(0.0, "test_acc", results, {}).values == [0.0]
 
 
+def test_statistics_gap_compares_the_inference_statistics_of_one_run() -> None:
+    run = {"variant": "a", "seed": 0, "test_acc": 0.80, "recalibrated_test_acc": 0.83, "population_test_acc": 0.825}
+    results = results_of([run])
+    gap = run_metric({"statistics_gap": {"a": "alg2", "b": "population"}}, run, results)[0]
+    assert gap == pytest.approx(0.005)
+    assert run_metric({"statistics_gap": {}}, run, results)[0] == pytest.approx(0.03)  # Alg. 2 - moving average
+    assert math.isnan(run_metric({"statistics_gap": {"b": "population"}}, {"test_acc": 0.8}, results)[0])
+    with pytest.raises(ValueError, match="unknown statistics 'ema'; valid: moving_average, alg2, population"):
+        run_metric({"statistics_gap": {"a": "ema"}}, run, results)
+
+
+def test_recalibration_batches_from_samples_or_batches() -> None:
+    from bnzoo_lab.runner import recalibration_batches
+
+    loader = torch.utils.data.DataLoader(torch.arange(100.0), batch_size=8, drop_last=True)  # 12 batches
+    assert recalibration_batches({"num_samples": 40}, loader) == 5
+    assert recalibration_batches({"num_samples": 41}, loader) == 6  # rounded up: at least that many samples
+    assert recalibration_batches({"num_samples": 1000}, loader) == 12  # at most the loader
+    assert recalibration_batches({}, loader) == 12 and recalibration_batches({"num_batches": 3}, loader) == 3
+    with pytest.raises(ValueError, match="unknown key\\(s\\) batches; valid: num_batches, num_samples"):
+        recalibration_batches({"batches": 3}, loader)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data, norms, models
 
