@@ -1,6 +1,7 @@
 """bnzoo's norm layers, the factory that builds them from a plain string, what a model's norm layers are
-(:mod:`.introspect`), the recalibration of their statistics (:mod:`.recalibration`) and the conversion of any
-model's BatchNorm-like layers to any kind (:func:`convert_norms`, :mod:`.conversion`).
+(:mod:`.introspect`), the recalibration of their statistics (:mod:`.recalibration`), the conversion of any
+model's BatchNorm-like layers to any kind (:func:`convert_norms`, :mod:`.conversion`) and their folding into
+the layer before them for inference (:mod:`.fusion`).
 
 >>> from bnzoo.norms import make_norm, list_norms
 >>> make_norm("renorm", 64, "2d", r_max=2.0)
@@ -27,6 +28,7 @@ from .factory import (
     register_with_timm,
 )
 from .frozen import FrozenBatchNorm
+from .fusion import FoldReport, add_conv_biases_, fold_norms, fuse_norms
 from .norm_act import NormAct, create_activation, with_activation
 from .recalibration import RecalibrationResult, recalibrate_norm_stats
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, batch_renorm_corrections
@@ -55,6 +57,7 @@ __all__ = [
     "BatchRenorm3d",
     "ChannelGroupNorm",
     "ChannelLayerNorm",
+    "FoldReport",
     "FrozenBatchNorm",
     "KindLayer",
     "NormAct",
@@ -70,6 +73,7 @@ __all__ = [
     "SequenceLayerNorm",
     "SequenceNorm",
     "SyncableNorm",
+    "add_conv_biases_",
     "all_reduce_sum",
     "batch_renorm_corrections",
     "create_activation",
@@ -77,7 +81,9 @@ __all__ = [
     "check_norm_config",
     "convert_norms",
     "convert_sync_norms",
+    "fold_norms",
     "freeze_norms",
+    "fuse_norms",
     "revert_sync_norms",
     "select_norm_layers",
     "global_batch_moments",
