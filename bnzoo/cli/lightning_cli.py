@@ -4,6 +4,8 @@
     bnzoo fit --config configs/fashion_mnist/resnet.yaml --model.init_args.norm renorm
     bnzoo fit --config configs/fashion_mnist/resnet.yaml --ckpt_path last        # resume that run
     bnzoo test --config configs/fashion_mnist/resnet.yaml --ckpt_path last       # test its last checkpoint
+    bnzoo predict --config configs/pretrained/fashion_mnist-resnet20-bn.yaml --ckpt_path fashion_mnist-resnet20-bn \
+        --data.path my_images/                                                  # -> <run folder>/predictions.csv
     bnzoo fit --config ... --print_config
 
 Model and data classes are chosen by name (``--model ImageClassifier``, ``--data FashionMNISTDataModule``);
@@ -23,6 +25,12 @@ loaded with :func:`bnzoo.io.safe_torch_load`, their hyperparameters checked by
 :func:`bnzoo.zoo.trust.check_stored_hyperparameters` (before LightningCLI imports the class they name) and
 compared with the config; Lightning's own loads go through :class:`bnzoo.checkpoint_io.AtomicCheckpointIO`.
 
+**Predictions** (``predict``) are written by :class:`bnzoo.callbacks.PredictionWriter` into the run's folder (added
+unless the config has a prediction writer of its own); ``--data.path`` (image data modules) predicts the user's
+image files instead of the test split.
+
+**Hyperparameters** logged (TensorBoard's hparams, ``hparams.yaml``) are the run's, flat: :mod:`bnzoo.cli.hparams`.
+
 **Errors** (:mod:`bnzoo.cli.errors`): a bad option, value or file ends the command with exit status 2 and at most three
 lines on stderr naming it; ``BNZOO_DEBUG=1`` shows the traceback.
 """
@@ -38,11 +46,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..callbacks.checkpoints import BestCheckpoint, LastCheckpoint
+from ..callbacks.predictions import PredictionWriter
 from ..checkpoint_io import AtomicCheckpointIO
 from ..io import safe_torch_load, sweep_temporaries
 from ..tasks.classification import ClassificationTask
@@ -246,6 +255,9 @@ class BnzooCLI(LightningCLI):
         place_checkpoints(trainer, self.run_dir, self.run_name)  # set by before_instantiate_classes
         if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
             trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))  # where there is a logger
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+            folder = self.run_dir or self.run_root  # without a logger: the run name's folder
+            trainer.callbacks.append(PredictionWriter(str(folder) if folder is not None else None))
         trainer.callbacks.append(_ReleaseHeldOutput())
         return trainer
 

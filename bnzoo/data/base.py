@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..checkpoint_io import SafeLoadFromCheckpoint
+from .files import ImageFilesDataset, image_files
 from .transforms import ImageCollate, Normalize
 
 __all__ = [
@@ -249,6 +250,9 @@ class ImageDataModule(InMemoryDataModule):
         normalization: ``"dataset"`` (the class's ``mean``/``std``), ``"train"`` (computed from the training
             split) or ``"none"`` (pixels scaled to [0, 1]).
         download: fetch missing files in :meth:`prepare_data` (with torchvision's download code).
+        path: image files to predict (a file, a folder, or a list; :mod:`bnzoo.data.files`) instead of the test
+            split: read as the model's input and normalized as in training (the statistics are in the checkpoint:
+            :meth:`state_dict`).
     """
 
     num_classes: ClassVar[int]
@@ -275,11 +279,14 @@ class ImageDataModule(InMemoryDataModule):
         download: bool = True,
         crop_padding: int | None = None,
         hflip: bool | None = None,
+        path: str | list[str] | None = None,
     ) -> None:
         super().__init__(data_dir, batch_size, num_workers, val_size, seed, train_subset, normalization, download)
         _check_count("crop_padding", crop_padding, minimum=0, allow_none=True)
         if hflip is not None and not isinstance(hflip, bool):
             raise ValueError(f"hflip must be true, false or null (the dataset's own), got {hflip!r}")
+        self.path = path
+        self.predict_set: ImageFilesDataset | None = None
         self.save_hyperparameters(logger=False)  # logged by the task's logged_hparams()
         self.augment = augment
         if crop_padding is not None:
@@ -296,19 +303,27 @@ class ImageDataModule(InMemoryDataModule):
         """Download what is missing (on rank 0 only under Lightning). Bundled datasets need nothing."""
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the splits a stage needs: ``fit``/``validate``: train and val; ``test``/``predict``: test."""
-        if self.train_set is None and (stage in (None, "fit", "validate") or self.normalization == "train"):
-            source = ImageDataset(*self._checked_split(train=True))
-            train_idx, val_idx = split_indices(len(source), self.val_size, self.seed)
-            if self.train_subset is not None:
-                if self.train_subset > len(train_idx):
-                    raise ValueError(
-                        f"train_subset={self.train_subset} but the training split has only {len(train_idx)} samples"
-                    )
-                train_idx = train_idx[: self.train_subset]
-            self.train_set, self.val_set = source.subset(train_idx), source.subset(val_idx)
+        """Load the splits a stage needs: ``fit``/``validate``: train and val; ``test``/``predict``: test, or for
+        ``predict`` with ``path``, those files."""
+        if stage == "predict" and self.path is not None:
+            if self.predict_set is None:
+                self.predict_set = ImageFilesDataset(image_files(self.path), self.in_chans, self.image_size)
+            return
+        if self.train_set is None and stage in (None, "fit", "validate"):
+            self._setup_train()
         if self.test_set is None and stage in (None, "test", "predict"):
             self.test_set = ImageDataset(*self._checked_split(train=False))
+
+    def _setup_train(self) -> None:
+        source = ImageDataset(*self._checked_split(train=True))
+        train_idx, val_idx = split_indices(len(source), self.val_size, self.seed)
+        if self.train_subset is not None:
+            if self.train_subset > len(train_idx):
+                raise ValueError(
+                    f"train_subset={self.train_subset} but the training split has only {len(train_idx)} samples"
+                )
+            train_idx = train_idx[: self.train_subset]
+        self.train_set, self.val_set = source.subset(train_idx), source.subset(val_idx)
 
     def _checked_split(self, train: bool) -> tuple[Tensor, Tensor]:
         images, labels = self.load_split(train)
@@ -333,12 +348,34 @@ class ImageDataModule(InMemoryDataModule):
         elif self.normalization == "dataset":
             mean, std = self.mean, self.std
         else:
-            if self.train_set is None:
-                raise RuntimeError(f"{type(self).__name__}: normalization='train' needs setup() first")
-            if self._train_stats is None:
+            if self._train_stats is None:  # neither computed nor restored from a checkpoint (load_state_dict)
+                if self.train_set is None:
+                    self._setup_train()
                 self._train_stats = channel_stats(self.train_set.images, self.pixel_max)
             mean, std = self._train_stats
         return Normalize(mean, std, self.pixel_max)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The normalization's per-channel ``mean`` and ``std`` (saved in every checkpoint by Lightning), so that a
+        run restored from it -- ``bnzoo predict --data.path`` on the user's files -- normalizes as training did
+        without reading the training split."""
+        if self.normalization == "train" and self._train_stats is None and self.train_set is None:
+            return {}
+        normalize = self.normalizer()
+        return {"normalization": self.normalization, "mean": list(normalize.mean), "std": list(normalize.std)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("normalization") == "train" == self.normalization:
+            self._train_stats = (tuple(state_dict["mean"]), tuple(state_dict["std"]))
+
+    def predict_dataloader(self) -> DataLoader:
+        """The files of ``path``, in order (8-bit files: values in units of 255, whatever the dataset's
+        ``pixel_max``), or else the test split."""
+        if self.path is None or self.predict_set is None:
+            return super().predict_dataloader() if self.path is None else self._loader(None, "predict")
+        collate = ImageCollate(Normalize(self.normalizer().mean, self.normalizer().std, 255.0))
+        workers = self.num_workers
+        return DataLoader(self.predict_set, batch_size=self.batch_size, num_workers=workers, collate_fn=collate)
 
     def collate_fn(self, train: bool) -> ImageCollate:
         augment = train and self.augment
