@@ -334,3 +334,24 @@ def judge(rule: str, a: SideValues, b: SideValues, min_margin: float = 0.0, tole
         p, p_back = test.p_less(-min_margin), test.p_greater(0.0)
     verdict = REPRODUCED if p <= ALPHA else OPPOSITE if p_back <= ALPHA else WITHIN_NOISE
     return Judgement(a, b, difference, verdict, "Welch t, one-sided", p, interval, bound=min_margin)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inference statistics compared (claim C9): the test accuracy with each kind of statistics of the same weights
+
+#: a run's test-accuracy field for each kind of inference statistics
+STATISTICS_FIELDS = {"moving_average": "test_acc", "alg2": "recalibrated_test_acc", "population": "population_test_acc"}
+
+
+def _statistics_gap(run: dict[str, Any], results: Results, a: str = "alg2", b: str = "moving_average") -> float:
+    """``{statistics_gap: {a: alg2, b: population}}``: test accuracy with statistics ``a`` minus with ``b``, the
+    same weights (one of moving_average -- the running averages kept in training --, alg2 -- recalibrated by
+    Ioffe & Szegedy 2015, Alg. 2 --, population -- the exact moments of the same batches)."""
+    for side in (a, b):
+        if side not in STATISTICS_FIELDS:
+            raise ValueError(f"statistics_gap: unknown statistics {side!r}; valid: {', '.join(STATISTICS_FIELDS)}")
+    values = [run.get(STATISTICS_FIELDS[side]) for side in (a, b)]
+    return math.nan if None in values else float(values[0] - values[1])
+
+
+METRICS["statistics_gap"] = _statistics_gap

@@ -450,6 +450,32 @@ def test_augmentation_changes_images_only_in_training(tmp_path):
     )
 
 
+def test_augmentation_overrides_crop_padding_and_hflip(tmp_path):
+    """crop_padding / hflip replace the dataset's augmentation: flips only, crops only, and bad values named."""
+    write_idx_dataset(tmp_path / "FashionMNIST" / "raw", n_train=120, n_test=3, seed=2)
+    common = {"data_dir": str(tmp_path), "augment": True, "normalization": "none", "val_size": 0, "download": False}
+    cases = {(0, True): (0, True), (3, False): (3, False), (None, None): (2, True)}  # None: Fashion-MNIST's 2, flips
+    for (padding, flips), (want_padding, want_flips) in cases.items():
+        dm = FashionMNISTDataModule(batch_size=120, crop_padding=padding, hflip=flips, **common)
+        dm.setup("fit")
+        samples = [dm.train_set[i] for i in range(120)]
+        augmented, _ = dm.train_dataloader().collate_fn(samples)
+        seen = set()
+        for (original, _), image in zip(samples, (augmented * 255).round().to(torch.uint8), strict=True):
+            matches = brute_force_crop_flip(original, image, padding=want_padding, flips=want_flips)
+            assert matches  # a crop of the zero-padded image (or of its mirror image where flips are on)
+            seen.update(matches)
+        assert {flip for _, _, flip in seen} == ({False, True} if want_flips else {False})
+        offsets = {(dy, dx) for dy, dx, _ in seen}  # each within [0, 2 * padding] by the brute force above
+        assert offsets == {(0, 0)} if want_padding == 0 else len(offsets) > (2 * want_padding + 1) ** 2 // 2
+        assert dm.hparams.crop_padding == padding and dm.hparams.hflip == flips
+    assert FashionMNISTDataModule.crop_padding == 2 and FashionMNISTDataModule.hflip  # class defaults untouched
+    with pytest.raises(ValueError, match="crop_padding must be an int >= 0 or None, got -1"):
+        FashionMNISTDataModule(crop_padding=-1)
+    with pytest.raises(ValueError, match="hflip must be true, false or null.*got 'yes'"):
+        FashionMNISTDataModule(hflip="yes")
+
+
 def test_normalization_statistics(tmp_path):
     digits = DigitsDataModule(batch_size=100, val_size=0)
     digits.setup("fit")

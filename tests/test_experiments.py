@@ -148,6 +148,29 @@ def test_group_sides_reduce_seed_by_seed_and_constants() -> None:
     assert side_values(0.0, "test_acc", results, {}).values == [0.0]
 
 
+def test_statistics_gap_compares_the_inference_statistics_of_one_run() -> None:
+    run = {"variant": "a", "seed": 0, "test_acc": 0.80, "recalibrated_test_acc": 0.83, "population_test_acc": 0.825}
+    results = results_of([run])
+    gap = run_metric({"statistics_gap": {"a": "alg2", "b": "population"}}, run, results)[0]
+    assert gap == pytest.approx(0.005)
+    assert run_metric({"statistics_gap": {}}, run, results)[0] == pytest.approx(0.03)  # Alg. 2 - moving average
+    assert math.isnan(run_metric({"statistics_gap": {"b": "population"}}, {"test_acc": 0.8}, results)[0])
+    with pytest.raises(ValueError, match="unknown statistics 'ema'; valid: moving_average, alg2, population"):
+        run_metric({"statistics_gap": {"a": "ema"}}, run, results)
+
+
+def test_recalibration_batches_from_samples_or_batches() -> None:
+    from bnzoo_lab.runner import recalibration_batches
+
+    loader = torch.utils.data.DataLoader(torch.arange(100.0), batch_size=8, drop_last=True)  # 12 batches
+    assert recalibration_batches({"num_samples": 40}, loader) == 5
+    assert recalibration_batches({"num_samples": 41}, loader) == 6  # rounded up: at least that many samples
+    assert recalibration_batches({"num_samples": 1000}, loader) == 12  # at most the loader
+    assert recalibration_batches({}, loader) == 12 and recalibration_batches({"num_batches": 3}, loader) == 3
+    with pytest.raises(ValueError, match="unknown key\\(s\\) batches; valid: num_batches, num_samples"):
+        recalibration_batches({"batches": 3}, loader)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data, norms, models
 
@@ -208,10 +231,11 @@ def lab_kinds():
 def test_lab_kinds_exist_only_inside_the_lab_scope() -> None:
     import bnzoo
 
-    assert "noisy_bn" not in bnzoo.list_norms() and "input_norm_mlp" not in bnzoo.list_models()
+    lab_models = {"input_norm_mlp", "cifar_resnet"}
+    assert "noisy_bn" not in bnzoo.list_norms() and not lab_models & set(bnzoo.list_models())
     with lab_registrations():
-        assert "noisy_bn" in bnzoo.list_norms() and "input_norm_mlp" in bnzoo.list_models()
-    assert "noisy_bn" not in bnzoo.list_norms() and "input_norm_mlp" not in bnzoo.list_models()
+        assert "noisy_bn" in bnzoo.list_norms() and lab_models <= set(bnzoo.list_models())
+    assert "noisy_bn" not in bnzoo.list_norms() and not lab_models & set(bnzoo.list_models())
 
 
 @pytest.mark.usefixtures("lab_kinds")
@@ -251,6 +275,27 @@ def test_input_norm_mlp_normalizes_its_input_features() -> None:
     torch.testing.assert_close(captured["x"].double(), expected, atol=1e-4, rtol=1e-4)
     assert isinstance(create_model("input_norm_mlp", in_chans=1, image_size=4, input_norm="none").input_norm,
                       nn.Identity)  # fmt: skip
+
+
+@pytest.mark.usefixtures("lab_kinds")
+def test_cifar_resnet_is_the_zoo_resnet_at_any_depth() -> None:
+    from bnzoo.models.layers import SkipInit
+
+    x = torch.randn(2, 1, 12, 12)
+    torch.manual_seed(0)
+    lab = create_model("cifar_resnet", depth=20, in_chans=1, image_size=12).eval()
+    torch.manual_seed(0)
+    zoo = create_model("resnet20", in_chans=1, image_size=12).eval()
+    assert list(lab.state_dict()) == list(zoo.state_dict())
+    torch.testing.assert_close(lab(x), zoo(x), rtol=0, atol=0)  # same init draws, same network
+    small = create_model("cifar_resnet", depth=8, in_chans=1, image_size=12)
+    assert [len(stage) for stage in small.stages] == [1, 1, 1]
+    plain = create_model("cifar_resnet", depth=8, norm="none", skip_init=False, in_chans=1, image_size=12)
+    skip = create_model("cifar_resnet", depth=8, norm="none", in_chans=1, image_size=12)
+    assert not any(isinstance(m, SkipInit) for m in plain.modules())
+    assert sum(isinstance(m, SkipInit) for m in skip.modules()) == 3
+    with pytest.raises(ValueError, match="6n \\+ 2"):
+        create_model("cifar_resnet", depth=10)
 
 
 def test_variance_shift_against_a_hand_computation() -> None:

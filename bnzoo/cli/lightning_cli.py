@@ -58,6 +58,7 @@ from .config import (
     model_hparams,
 )
 from .errors import UsageError, release_held_output
+from .hparams import check_optimizer_config, run_hparams
 from .main import LIGHTNING_SUBCOMMANDS
 from .runs import (
     AUTO_NAME,
@@ -199,6 +200,7 @@ class BnzooCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_task_hparams(model_hparams(config))
         check_trainer_config(config.get("trainer") or {})
+        check_optimizer_config(config)
         self.run_name = run_name(config)
         run_root(config, self.run_name)  # names the logger's run
         if self.subcommand in LIGHTNING_SUBCOMMANDS:
@@ -231,6 +233,12 @@ class BnzooCLI(LightningCLI):
             self._run_lock = RunLock(folder)
             sweep_temporaries(folder / CHECKPOINTS)
         return folder
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if isinstance(self.model, ClassificationTask):  # what the loggers get: the run, flat (bnzoo.cli.hparams)
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            self.model.run_hparams = run_hparams(config, self.model.hparams)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)

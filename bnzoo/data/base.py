@@ -244,6 +244,8 @@ class ImageDataModule(InMemoryDataModule):
         seed: fixes the train/val split and ``train_subset``.
         train_subset: keep only this many training samples (a seeded random subset), for quick runs.
         augment: training-time augmentation, where the dataset defines one (``crop_padding``, ``hflip``).
+        crop_padding, hflip: override the dataset's augmentation when ``augment`` (None: the dataset's own):
+            ``crop_padding=0`` with ``hflip=True`` keeps only the flips -- the lighter augmentation of a short run.
         normalization: ``"dataset"`` (the class's ``mean``/``std``), ``"train"`` (computed from the training
             split) or ``"none"`` (pixels scaled to [0, 1]).
         download: fetch missing files in :meth:`prepare_data` (with torchvision's download code).
@@ -271,10 +273,19 @@ class ImageDataModule(InMemoryDataModule):
         augment: bool = False,
         normalization: str = "dataset",
         download: bool = True,
+        crop_padding: int | None = None,
+        hflip: bool | None = None,
     ) -> None:
         super().__init__(data_dir, batch_size, num_workers, val_size, seed, train_subset, normalization, download)
-        self.save_hyperparameters()
+        _check_count("crop_padding", crop_padding, minimum=0, allow_none=True)
+        if hflip is not None and not isinstance(hflip, bool):
+            raise ValueError(f"hflip must be true, false or null (the dataset's own), got {hflip!r}")
+        self.save_hyperparameters(logger=False)  # logged by the task's logged_hparams()
         self.augment = augment
+        if crop_padding is not None:
+            self.crop_padding = crop_padding  # the instance's, over the class's default
+        if hflip is not None:
+            self.hflip = hflip
         self._train_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:

@@ -119,7 +119,7 @@ class SequenceDataModule(WrappedImageDataModule):
         super().__init__(
             dataset, data_dir, batch_size, num_workers, val_size, seed, train_subset, normalization, download
         )
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged by the task's logged_hparams()
         size, channels = self.image_size, self.in_chans
         del self.in_chans, self.image_size  # a sequence model is linked by input_size and max_length instead
         self.pixels_per_step = 1 if mode == "pixel" else size
