@@ -92,7 +92,11 @@ def load_results(results_dir: Path, config_root: Path | None = None, strict: boo
         if provenance and current is not None and stored.findings != current.findings:
             notes.append("the experiment's findings changed since this run; judged with the findings stored "
                          "with the results")  # fmt: skip
-        loaded.append(Loaded(stored, Results(data), staleness(provenance, current, code), notes))
+        reasons = staleness(provenance, current, code)
+        asked = (current.quick_seeds if data.get("quick") else current.seeds) if current is not None else None
+        if asked is not None and list(data["seeds"]) != asked:
+            reasons.append(f"run with seeds {data['seeds']}, the experiment asks {asked}")
+        loaded.append(Loaded(stored, Results(data), reasons, notes))
     stale = [f"{item.spec.name}: {'; '.join(item.stale)}" for item in loaded if item.stale]
     if strict and stale:
         raise ValueError("stale results (rerun them with `bnzoo experiment run`):\n  " + "\n  ".join(stale))

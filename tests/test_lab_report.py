@@ -86,6 +86,7 @@ def test_each_verdict_carries_its_test_p_value_and_interval(tmp_path: Path) -> N
         ("code", "made by other code (commit "),
         ("setup", "made with another setup of the experiment"),
         ("none", "no provenance"),
+        ("seeds", "run with seeds [0, 1, 2], the experiment asks [0, 1, 2, 3, 4]"),
     ],
 )
 def test_results_from_other_code_or_setup_are_stale_and_refused_when_strict(
@@ -99,6 +100,8 @@ def test_results_from_other_code_or_setup_are_stale_and_refused_when_strict(
         data["provenance"]["source_hash"] = "0" * 64
     elif change == "none":
         del data["provenance"]
+    elif change == "seeds":  # `bnzoo experiment run --seeds 0 1 2`
+        data["seeds"], data["runs"] = [0, 1, 2], [r for r in data["runs"] if r["seed"] < 3]
     path.write_text(json.dumps(data))
     if change == "setup":
         make_experiment(root, lr=0.2)  # the base config changed since the run
