@@ -572,6 +572,54 @@ def test_permuted_pixels_use_one_fixed_permutation():
     assert torch.equal(x[..., 0], images.flatten(1)[:, perm])
 
 
+def block_means(images: torch.Tensor, k: int) -> torch.Tensor:
+    """float64 reference of k x k average pooling (kernel = stride = k) of (N, C, H, W) images."""
+    n, c, h, w = images.shape
+    return images.double().reshape(n, c, h // k, k, w // k, k).mean(dim=(3, 5))
+
+
+def test_downsampled_sequences_are_block_means_of_the_image():
+    dm = SequenceDataModule(dataset="digits", mode="pixel", downsample=2)
+    assert (dm.input_size, dm.max_length, dm.downsample) == (1, 16, 2)
+    (x, lengths, _), images = sequence_and_images(mode="pixel", downsample=2)
+    pooled = block_means(images, 2)  # (360, 1, 4, 4)
+    assert x.shape == (360, 16, 1) and torch.equal(lengths, torch.full((360,), 16))
+    torch.testing.assert_close(x[..., 0].double(), pooled.flatten(1), rtol=0, atol=1e-6)
+    assert pooled.flatten(1).std() > 0.5  # not a constant image that any pooling would reproduce
+
+    dm = SequenceDataModule(dataset="digits", mode="row", downsample=4)
+    assert (dm.input_size, dm.max_length) == (2, 2)
+    (x, _, _), images = sequence_and_images(mode="row", downsample=4)
+    torch.testing.assert_close(x.double(), block_means(images, 4)[:, 0], rtol=0, atol=1e-6)  # step t: row t
+    # 28x28 Fashion-MNIST at 14x14: 196 one-pixel steps, or 14 rows of 14 (no data needed to know the sizes)
+    dm = SequenceDataModule(dataset="fashion_mnist", mode="pixel", downsample=2, download=False)
+    assert (dm.input_size, dm.max_length) == (1, 196)
+    assert SequenceDataModule(dataset="fashion_mnist", mode="row", downsample=2, download=False).input_size == 14
+
+
+def test_downsampled_permuted_pixels_share_one_permutation_across_splits():
+    dm = SequenceDataModule(dataset="digits", permute=True, downsample=2, task_seed=5, batch_size=360)
+    perm = dm.permutation
+    assert torch.equal(perm.sort().values, torch.arange(16)) and not torch.equal(perm, torch.arange(16))
+    again = SequenceDataModule(dataset="digits", permute=True, downsample=2, task_seed=5).permutation
+    assert torch.equal(again, perm)
+    (x, _, _), images = sequence_and_images(permute=True, downsample=2, task_seed=5)
+    torch.testing.assert_close(x[..., 0].double(), block_means(images, 2).flatten(1)[:, perm], rtol=0, atol=1e-6)
+    # the training split is made with the same permutation (one collate for both)
+    dm.setup("fit")
+    samples = [dm.train_set[i] for i in range(8)]
+    train_x, _, _ = dm.collate_fn(train=True)(samples)
+    raw = torch.stack([image for image, _, _ in samples])
+    reference = block_means(dm.image_data.normalizer()(raw), 2).flatten(1)[:, perm]
+    torch.testing.assert_close(train_x[..., 0].double(), reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [3, 0, 16, True, 2.0])
+def test_downsample_must_divide_the_image_size(bad):
+    with pytest.raises(ValueError, match=rf"downsample must divide the image size 8, got {bad!r}; valid: 1, 2, 4, 8"):
+        SequenceDataModule(dataset="digits", downsample=bad)
+
+
 def test_variable_length_sequences_are_padded_with_zeros():
     (x, lengths, _), images = sequence_and_images(mode="pixel", variable_length=True, min_length=10)
     assert lengths.min() >= 10 and lengths.max() <= 64 and len(set(lengths.tolist())) > 20
