@@ -250,9 +250,8 @@ class ImageDataModule(InMemoryDataModule):
         normalization: ``"dataset"`` (the class's ``mean``/``std``), ``"train"`` (computed from the training
             split) or ``"none"`` (pixels scaled to [0, 1]).
         download: fetch missing files in :meth:`prepare_data` (with torchvision's download code).
-        path: image files to predict (a file, a folder, or a list; :mod:`bnzoo.data.files`) instead of the test
-            split: read as the model's input and normalized as in training (the statistics are in the checkpoint:
-            :meth:`state_dict`).
+        path: image files to predict (a file, a folder or a list; :mod:`bnzoo.data.files`) instead of the test split,
+            normalized as in training (the statistics are in the checkpoint: :meth:`state_dict`).
     """
 
     num_classes: ClassVar[int]
@@ -261,10 +260,8 @@ class ImageDataModule(InMemoryDataModule):
     mean: ClassVar[tuple[float, ...]]
     std: ClassVar[tuple[float, ...]]
     pixel_max: ClassVar[float] = 255.0
-    crop_padding: ClassVar[int] = 0
-    """Random-crop padding of the training augmentation (0: no crop)."""
-    hflip: ClassVar[bool] = False
-    """Random horizontal flips in the training augmentation."""
+    crop_padding: ClassVar[int] = 0  # random-crop padding of the training augmentation (0: no crop)
+    hflip: ClassVar[bool] = False  # random horizontal flips in the training augmentation
 
     def __init__(
         self,
@@ -289,10 +286,8 @@ class ImageDataModule(InMemoryDataModule):
         self.predict_set: ImageFilesDataset | None = None
         self.save_hyperparameters(logger=False)  # logged by the task's logged_hparams()
         self.augment = augment
-        if crop_padding is not None:
-            self.crop_padding = crop_padding  # the instance's, over the class's default
-        if hflip is not None:
-            self.hflip = hflip
+        self.crop_padding = self.crop_padding if crop_padding is None else crop_padding  # over the class's default
+        self.hflip = self.hflip if hflip is None else hflip
         self._train_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
@@ -319,9 +314,7 @@ class ImageDataModule(InMemoryDataModule):
         train_idx, val_idx = split_indices(len(source), self.val_size, self.seed)
         if self.train_subset is not None:
             if self.train_subset > len(train_idx):
-                raise ValueError(
-                    f"train_subset={self.train_subset} but the training split has only {len(train_idx)} samples"
-                )
+                raise ValueError(f"train_subset={self.train_subset} but the split has {len(train_idx)} samples")
             train_idx = train_idx[: self.train_subset]
         self.train_set, self.val_set = source.subset(train_idx), source.subset(val_idx)
 
