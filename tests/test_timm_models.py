@@ -191,3 +191,39 @@ def test_the_cli_names_an_unknown_timm_model_and_the_closest_ones() -> None:
     assert result.returncode != 0
     assert "unknown timm model 'resnet19'" in result.stderr and "closest: resnet18" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_checkpoint_of_timm_pretrained_loads_where_timms_weights_are_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """timm_pretrained only chooses the initial weights: loading the checkpoint needs no Hugging Face cache."""
+    import huggingface_hub.constants
+    import lightning
+
+    from bnzoo.tasks import ImageClassifier
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_hub_cache(tmp_path / "hub", "timm/resnet18.a1_in1k", timm.create_model("resnet18").state_dict())
+    options = {"timm_pretrained": True}
+    task = ImageClassifier(model="timm/resnet18", norm="renorm", num_classes=4, in_chans=1, model_options=options)
+    with torch.no_grad():
+        task.model.fc.bias.fill_(0.25)  # "trained": differs from anything a fresh build gives
+    path = tmp_path / "task.ckpt"
+    torch.save(
+        {
+            "state_dict": task.state_dict(),
+            "hyper_parameters": dict(task.hparams),
+            "bnzoo_task": "bnzoo.tasks.ImageClassifier",
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        path,
+    )
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="are not local"):  # building it anew would need them
+        ImageClassifier(model="timm/resnet18", num_classes=4, in_chans=1, model_options=options)
+    for loaded in (bnzoo.load_pretrained(path), ImageClassifier.load_from_checkpoint(path)):
+        state = loaded.model.state_dict()
+        for key, value in task.model.state_dict().items():
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+    network = bnzoo.create_model("timm/resnet18", pretrained=str(path))
+    torch.testing.assert_close(network.fc.bias, torch.full((4,), 0.25))

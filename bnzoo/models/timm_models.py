@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,25 @@ from ..norms.introspect import named_batchnorm_like
 from ..registry import closest
 from .layers import check_image_options
 
-__all__ = ["TIMM_PREFIX", "is_timm_name", "local_pretrained_state", "timm_entry", "timm_model"]
+__all__ = [
+    "INITIAL_WEIGHT_OPTIONS",
+    "TIMM_PREFIX",
+    "is_timm_name",
+    "local_pretrained_state",
+    "timm_entry",
+    "timm_model",
+    "without_initial_weights",
+]
 
 #: a model name ``timm/<name>`` is timm's model ``<name>``
 TIMM_PREFIX = "timm/"
 
 #: timm.create_model arguments that bnzoo sets itself: not in ``timm_options``
 _RESERVED = ("num_classes", "in_chans", "pretrained", "norm_layer", "pretrained_cfg", "pretrained_cfg_overlay")
+
+#: model options that only choose a network's *initial* weights: a checkpoint's own weights replace them, so a
+#: checkpoint is loaded without them (timm's weights need not be in the loading machine's cache)
+INITIAL_WEIGHT_OPTIONS: tuple[str, ...] = ("timm_pretrained",)
 
 #: the files a timm model's Hugging Face repository holds its weights in, in the order looked for
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -51,6 +63,16 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 def is_timm_name(name: Any) -> bool:
     """Whether ``name`` is a timm model entry (``timm/<name>``)."""
     return isinstance(name, str) and name.startswith(TIMM_PREFIX)
+
+
+def without_initial_weights(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """A task's stored ``hparams`` with :data:`INITIAL_WEIGHT_OPTIONS` taken out of its ``model_options`` (what
+    every checkpoint load builds the network from: the checkpoint's state dict then sets every weight)."""
+    hparams = dict(hparams)
+    options = hparams.get("model_options")
+    if isinstance(options, Mapping) and any(key in options for key in INITIAL_WEIGHT_OPTIONS):
+        hparams["model_options"] = {k: v for k, v in options.items() if k not in INITIAL_WEIGHT_OPTIONS}
+    return hparams
 
 
 def _variant(name: str) -> str:
