@@ -1,10 +1,11 @@
 """LightningCLI for ``bnzoo fit | validate | test | predict``; the other subcommands (``recalibrate``, ``export``,
 ``pretrained``, ``experiment``) are in :mod:`bnzoo.cli.main`'s table.
 
-    bnzoo fit --config configs/fashion_mnist/resnet.yaml --model.init_args.norm renorm
+    bnzoo fit --config configs/fashion_mnist/resnet.yaml --config configs/trainer/renorm_schedule.yaml \\
+        --model.init_args.norm renorm --model.init_args.norm_options '{momentum: 0.1}'
     bnzoo fit --config configs/fashion_mnist/resnet.yaml --ckpt_path last        # resume that run
     bnzoo test --config configs/fashion_mnist/resnet.yaml --ckpt_path last       # test its last checkpoint
-    bnzoo predict --config configs/pretrained/fashion_mnist-resnet20-bn.yaml --ckpt_path fashion_mnist-resnet20-bn \
+    bnzoo predict --config configs/pretrained/fashion_mnist-resnet20-bn.yaml --ckpt_path fashion_mnist-resnet20-bn \\
         --data.path my_images/                                                  # -> <run folder>/predictions.csv
     bnzoo fit --config ... --print_config
 
