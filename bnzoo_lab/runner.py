@@ -5,9 +5,13 @@ For each run the runner writes the complete ``bnzoo fit`` config it uses to
 TensorBoard logger into the same folder, and a :class:`~bnzoo_lab.recorder.MetricsRecorder`), so any run
 can be repeated by hand with ``bnzoo fit --config <that file>``. After training it measures what the spec asks
 (``test``: accuracy on the test split in eval mode, i.e. with the running statistics; ``recalibrated``: the
-same after :func:`bnzoo.norms.recalibrate_norm_stats`; ``variance_shift``: running variance over the test-time
+same after :func:`bnzoo.norms.recalibrate_norm_stats` -- Alg. 2, or with the spec's ``recalibration:
+{compare_population: true}`` also with the exact population moments of the same batches, as
+``population_test_acc``; ``variance_shift``: running variance over the test-time
 variance of every norm layer's input) and collects the histories of the diagnostics callbacks in the config.
-The results of all runs go to ``<results_dir>/<experiment>.json``, from which ``bnzoo experiment report`` works.
+The results of all runs go to ``<results_dir>/<experiment>.json`` with their provenance (the code's commit, the
+sources' and the spec's hashes, the package versions: :mod:`bnzoo_lab.provenance`), from which
+``bnzoo experiment report`` works.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import datetime as dt
 import functools
 import gc
+import itertools
 import json
 import logging
 import os
@@ -40,6 +45,7 @@ from bnzoo.io import atomic_write_bytes
 from bnzoo.norms.introspect import normalized_rows, stat_norm_layers
 from bnzoo.norms.recalibration import MomentSums, recalibrate_norm_stats
 
+from .provenance import collect as collect_provenance
 from .recorder import MetricsRecorder
 from .spec import ExperimentSpec, Variant, deep_merge, load_spec
 
@@ -146,12 +152,30 @@ def _measure(spec: ExperimentSpec, cli: BnzooCLI, quick: bool) -> dict[str, Any]
         results["variance_shift"] = variance_shift(task, data.test_dataloader(), forward, limit)
     if "recalibrated" in spec.measure:
         loader = data.train_dataloader()
-        wanted = int(spec.recalibration.get("num_batches", 100))
-        used = recalibrate_norm_stats(task, loader, forward, min(wanted, len(loader)),
+        batches = list(itertools.islice(loader, recalibration_batches(spec.recalibration, loader)))
+        used = recalibrate_norm_stats(task, batches, forward, len(batches),
                                       bool(spec.recalibration.get("population", False))).batches  # fmt: skip
         results |= {f"recalibrated_test_{k}": v for k, v in task.evaluate(data.test_dataloader(), limit).items()}
         results["recalibration_batches"] = used
+        if spec.recalibration.get("compare_population", False):  # the same batches, exact population moments
+            recalibrate_norm_stats(task, batches, forward, len(batches), population=True)
+            results |= {f"population_test_{k}": v for k, v in task.evaluate(data.test_dataloader(), limit).items()}
     return results
+
+
+def recalibration_batches(recalibration: dict[str, Any], loader: Any) -> int:
+    """How many training batches recalibration uses: ``num_samples`` (divided by the loader's batch size, so
+    that runs with different batch sizes see as many samples) or ``num_batches`` (default 100), at most the
+    loader's length."""
+    unknown = sorted(set(recalibration) - {"num_batches", "num_samples", "population", "compare_population"})
+    if unknown:
+        raise ValueError(f"recalibration has unknown key(s) {', '.join(unknown)}; valid: num_batches, num_samples, "
+                         "population, compare_population")  # fmt: skip
+    if "num_samples" in recalibration:
+        wanted = -(-int(recalibration["num_samples"]) // int(loader.batch_sampler.batch_size))
+    else:
+        wanted = int(recalibration.get("num_batches", 100))
+    return max(1, min(wanted, len(loader)))
 
 
 @contextlib.contextmanager
@@ -226,7 +250,7 @@ def run_experiment(
     seeds = list(seeds if seeds is not None else (spec.quick_seeds if quick else spec.seeds))
     results_dir.mkdir(parents=True, exist_ok=True)
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
-    before = machine()
+    before, provenance = machine(), collect_provenance(spec)  # the code and spec as the runs start
     runs = []
     for variant in spec.variants.values():
         for seed in seeds:
@@ -243,6 +267,7 @@ def run_experiment(
         "started": started.isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - start,
         "machine": before,
+        "provenance": provenance,
         "load_avg_after": list(os.getloadavg()),
         "runs": runs,
     }

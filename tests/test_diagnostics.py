@@ -106,6 +106,57 @@ def test_activation_percentiles_match_the_hooked_inputs_and_reach_tensorboard(tm
     assert last == pytest.approx(np.percentile(reference.inputs[4][:, 3].numpy(), 50), rel=1e-5)
 
 
+class CopyModels(Callback):
+    """A deep copy of the network after the optimizer step of every training step, by step index."""
+
+    def __init__(self) -> None:
+        self.models: dict[int, nn.Module] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.models[trainer.global_step - 1] = copy.deepcopy(pl_module.model)
+
+
+def test_activation_percentiles_probe_is_a_fixed_validation_batch_in_eval_mode(tmp_path: Path) -> None:
+    module, probe = "model.blocks.1.act", 12  # 12 validation samples: one batch of 8 and 4 of the next
+    g = torch.Generator().manual_seed(1)
+    train = TensorDataset(torch.randn(48, 1, 4, 4, generator=g) * 2 + 0.5, torch.randint(0, 3, (48,), generator=g))
+    val_x = torch.randn(20, 1, 4, 4, generator=g) * 3 - 1
+    val = TensorDataset(val_x, torch.randint(0, 3, (20,), generator=g))
+    data = L.LightningDataModule.from_datasets(train_dataset=train, val_dataset=val, batch_size=8)
+    callback, models = ActivationPercentiles(module, units=[0, 4], every_n_steps=2, probe=probe), CopyModels()
+    training = ActivationPercentiles(module, units=[0, 4], every_n_steps=2)  # the training-batch default
+    task = mlp_task(dropout=0.3)  # dropout on in training: the probe must run with it off (eval mode)
+    trainer(tmp_path, [models, callback, training], steps=6).fit(task, datamodule=data)
+    assert task.training  # the model is back in training mode after each probe
+    assert sorted({r["step"] for r in callback.history}) == [0, 2, 4]
+    for record in callback.history:
+        # reference: that step's network in eval mode on the first 12 validation samples, numpy's percentiles
+        net, seen = models.models[record["step"]].eval(), []
+        handle = dict(net.named_modules())[module.removeprefix("model.")].register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].detach())
+        )
+        with torch.no_grad():
+            net(val_x[:probe])
+        handle.remove()
+        expected = np.percentile(seen[0][:, record["unit"]].double().numpy(), [15, 50, 85])
+        np.testing.assert_allclose([record["p15"], record["p50"], record["p85"]], expected, rtol=1e-6)
+    # and not the training batch's values in training mode
+    assert all(abs(a["p50"] - b["p50"]) > 1e-6 for a, b in zip(callback.history, training.history, strict=True))
+    scalars = events(tmp_path).Tags()["scalars"]
+    assert "activations/blocks.1.act/unit4/p85" in scalars
+
+
+def test_activation_percentiles_probe_rejects_bad_values(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="probe must be a positive int"):
+        ActivationPercentiles("model.blocks.0.act", probe=0)
+    with pytest.raises(ValueError, match="has no datamodule"):
+        trainer(None, [ActivationPercentiles("model.blocks.0.act", probe=4)], steps=1).fit(mlp_task(), image_loader())
+    small = TensorDataset(torch.randn(5, 1, 4, 4), torch.zeros(5, dtype=torch.long))
+    data = L.LightningDataModule.from_datasets(train_dataset=small, val_dataset=small, batch_size=4)
+    with pytest.raises(ValueError, match="probe=8 but the validation set has only 5 samples"):
+        trainer(None, [ActivationPercentiles("model.blocks.0.act", probe=8)], steps=1).fit(mlp_task(), datamodule=data)
+
+
 def test_activation_percentiles_reject_bad_arguments() -> None:
     with pytest.raises(ValueError, match="percentiles must be numbers in"):
         ActivationPercentiles("model.blocks.0.act", percentiles=[15, 150])

@@ -25,12 +25,10 @@ from bnzoo.data import DigitsDataModule
 from bnzoo.norms import make_norm
 from bnzoo_lab import lab_registrations, main
 from bnzoo_lab.data import ClassGroupedBatchSampler, ClassGroupedDataModule, RescaledFeaturesDataModule
-from bnzoo_lab.metrics import Results, SideValues, judge, run_metric, side_values
+from bnzoo_lab.metrics import VERDICTS, Results, SideValues, judge, run_metric, side_values
 from bnzoo_lab.recorder import MetricsRecorder
 from bnzoo_lab.runner import build_run_config, variance_shift
 from bnzoo_lab.spec import deep_merge, list_experiments, load_spec
-
-VERDICTS = ("reproduced", "opposite", "not reproduced (within noise)", "not reproduced")
 
 
 def quiet(*args: str) -> tuple[int, str]:
@@ -93,18 +91,18 @@ def side(values: list[float], label: str = "x") -> SideValues:
 
 
 def test_rules_follow_their_definition() -> None:
+    # the rules' statistics are tested in tests/test_lab_stats.py; here: a finding's sides reach them intact
     a, b = side([0.90, 0.92, 0.91]), side([0.85, 0.86, 0.87])
-    margin = max(statistics.stdev(a.values), statistics.stdev(b.values))
     judged = judge("greater", a, b)
-    assert judged.difference == pytest.approx(0.05) and judged.margin == pytest.approx(margin)
-    assert judged.verdict == "reproduced"
+    assert judged.difference == pytest.approx(0.05) and judged.verdict == "reproduced"
+    assert judged.p_value is not None and judged.p_value < 0.05 and judged.interval[0] > 0
     assert judge("less", a, b).verdict == "opposite"
-    assert judge("greater", a, b, min_margin=0.06).verdict == "not reproduced (within noise)"
-    assert judge("close", a, b, tolerance=0.049).verdict == "not reproduced"
-    assert judge("close", a, b, tolerance=0.051).verdict == "reproduced"
-    noisy = side([0.80, 0.99])  # std 0.134 > the difference: within noise both ways
+    assert judge("close", a, b, tolerance=0.01).verdict == "not reproduced"  # significantly outside +-0.01
+    assert judge("close", a, b, tolerance=0.2).verdict == "reproduced"
+    noisy = side([0.80, 0.99, 0.70])
     assert judge("greater", noisy, b).verdict == "not reproduced (within noise)"
-    assert judge("less", side([math.nan]), b).verdict == "not reproduced"
+    assert judge("less", side([math.nan] * 3), b).verdict == "no verdict (non-finite values)"
+    assert judge("greater", side([0.9]), b).verdict == "too few seeds"
 
 
 def results_of(runs: list[dict[str, Any]]) -> Results:
@@ -148,6 +146,29 @@ def test_group_sides_reduce_seed_by_seed_and_constants() -> None:
     assert spread.values == pytest.approx([0.4, 0.1])
     assert side_values({"variants": ["a", "b"], "reduce": "min"}, "test_acc", results, {}).values == [0.5, 0.6]
     assert side_values(0.0, "test_acc", results, {}).values == [0.0]
+
+
+def test_statistics_gap_compares_the_inference_statistics_of_one_run() -> None:
+    run = {"variant": "a", "seed": 0, "test_acc": 0.80, "recalibrated_test_acc": 0.83, "population_test_acc": 0.825}
+    results = results_of([run])
+    gap = run_metric({"statistics_gap": {"a": "alg2", "b": "population"}}, run, results)[0]
+    assert gap == pytest.approx(0.005)
+    assert run_metric({"statistics_gap": {}}, run, results)[0] == pytest.approx(0.03)  # Alg. 2 - moving average
+    assert math.isnan(run_metric({"statistics_gap": {"b": "population"}}, {"test_acc": 0.8}, results)[0])
+    with pytest.raises(ValueError, match="unknown statistics 'ema'; valid: moving_average, alg2, population"):
+        run_metric({"statistics_gap": {"a": "ema"}}, run, results)
+
+
+def test_recalibration_batches_from_samples_or_batches() -> None:
+    from bnzoo_lab.runner import recalibration_batches
+
+    loader = torch.utils.data.DataLoader(torch.arange(100.0), batch_size=8, drop_last=True)  # 12 batches
+    assert recalibration_batches({"num_samples": 40}, loader) == 5
+    assert recalibration_batches({"num_samples": 41}, loader) == 6  # rounded up: at least that many samples
+    assert recalibration_batches({"num_samples": 1000}, loader) == 12  # at most the loader
+    assert recalibration_batches({}, loader) == 12 and recalibration_batches({"num_batches": 3}, loader) == 3
+    with pytest.raises(ValueError, match="unknown key\\(s\\) batches; valid: num_batches, num_samples"):
+        recalibration_batches({"batches": 3}, loader)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,10 +231,11 @@ def lab_kinds():
 def test_lab_kinds_exist_only_inside_the_lab_scope() -> None:
     import bnzoo
 
-    assert "noisy_bn" not in bnzoo.list_norms() and "input_norm_mlp" not in bnzoo.list_models()
+    lab_models = {"input_norm_mlp", "cifar_resnet"}
+    assert "noisy_bn" not in bnzoo.list_norms() and not lab_models & set(bnzoo.list_models())
     with lab_registrations():
-        assert "noisy_bn" in bnzoo.list_norms() and "input_norm_mlp" in bnzoo.list_models()
-    assert "noisy_bn" not in bnzoo.list_norms() and "input_norm_mlp" not in bnzoo.list_models()
+        assert "noisy_bn" in bnzoo.list_norms() and lab_models <= set(bnzoo.list_models())
+    assert "noisy_bn" not in bnzoo.list_norms() and not lab_models & set(bnzoo.list_models())
 
 
 @pytest.mark.usefixtures("lab_kinds")
@@ -253,6 +275,27 @@ def test_input_norm_mlp_normalizes_its_input_features() -> None:
     torch.testing.assert_close(captured["x"].double(), expected, atol=1e-4, rtol=1e-4)
     assert isinstance(create_model("input_norm_mlp", in_chans=1, image_size=4, input_norm="none").input_norm,
                       nn.Identity)  # fmt: skip
+
+
+@pytest.mark.usefixtures("lab_kinds")
+def test_cifar_resnet_is_the_zoo_resnet_at_any_depth() -> None:
+    from bnzoo.models.layers import SkipInit
+
+    x = torch.randn(2, 1, 12, 12)
+    torch.manual_seed(0)
+    lab = create_model("cifar_resnet", depth=20, in_chans=1, image_size=12).eval()
+    torch.manual_seed(0)
+    zoo = create_model("resnet20", in_chans=1, image_size=12).eval()
+    assert list(lab.state_dict()) == list(zoo.state_dict())
+    torch.testing.assert_close(lab(x), zoo(x), rtol=0, atol=0)  # same init draws, same network
+    small = create_model("cifar_resnet", depth=8, in_chans=1, image_size=12)
+    assert [len(stage) for stage in small.stages] == [1, 1, 1]
+    plain = create_model("cifar_resnet", depth=8, norm="none", skip_init=False, in_chans=1, image_size=12)
+    skip = create_model("cifar_resnet", depth=8, norm="none", in_chans=1, image_size=12)
+    assert not any(isinstance(m, SkipInit) for m in plain.modules())
+    assert sum(isinstance(m, SkipInit) for m in skip.modules()) == 3
+    with pytest.raises(ValueError, match="6n \\+ 2"):
+        create_model("cifar_resnet", depth=10)
 
 
 def test_variance_shift_against_a_hand_computation() -> None:
@@ -320,6 +363,7 @@ def write_spec(tmp_path: Path, **changes: Any) -> Path:
     folder.mkdir(exist_ok=True)
     (folder / "base.yaml").write_text("model: {}\n")
     spec = {"claim": "C99", "title": "t", "config": "base.yaml", "variants": {"a": {}, "b": {}},
+            "seeds": [0, 1, 2, 3, 4],
             "findings": [{"claim": "C99", "statement": "s", "metric": "test_acc", "rule": "greater", "a": "a",
                           "b": "b"}]}  # fmt: skip
     (folder / "experiment.yaml").write_text(yaml.safe_dump(deep_merge(spec, changes)))
@@ -336,9 +380,21 @@ def write_spec(tmp_path: Path, **changes: Any) -> Path:
          "unknown 'aa' (did you mean a?)"),
         ({"measure": ["tests"]}, "unknown 'tests' (did you mean test?)"),
         ({"variants": {"a": {"lable": "x"}}}, "variant 'a' has unknown key(s) lable"),
+        ({"seeds": [0, 1]}, "2 seed(s) [0, 1], needs at least 5"),
+        ({"seeds": [0, 1, 1, 2, 3]}, "repeat a seed"),
+        ({"findings": [{"claim": "C99", "statement": "s", "metric": "test_acc", "rule": "close", "a": "a", "b": "b"}]},
+         "rule close needs a positive tolerance"),
+        ({"findings": [{"claim": "C99", "statement": "s", "metric": "failed", "rule": "close", "a": "a", "b": "b",
+                        "tolerance": 0.1}]}, "failed is 0/1 per run; rule close is not defined"),
+        ({"findings": [{"claim": "C99", "statement": "s", "metric": "diverged", "rule": "less", "a": "a", "b": 0}]},
+         "compare two variants, not a variant and a constant"),
     ],
 )  # fmt: skip
 def test_bad_specs_fail_with_the_valid_choices(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         load_spec(write_spec(tmp_path, **changes))
     assert load_spec(write_spec(tmp_path)).name == "c99_test"
+    slow = load_spec(write_spec(tmp_path, seeds=[0, 1, 2], expected_minutes=30))  # 5 min a run: 3 seeds suffice
+    assert slow.seeds == [0, 1, 2]
+    with pytest.raises(ValueError, match=re.escape("3 seed(s) [0, 1, 2], needs at least 5")):
+        load_spec(write_spec(tmp_path, seeds=[0, 1, 2], expected_minutes=5))  # 50 s a run

@@ -1,5 +1,6 @@
 """bnzoo's norm layers, the factory that builds them from a plain string, what a model's norm layers are
-(:mod:`.introspect`), the recalibration of their statistics (:mod:`.recalibration`) and their folding into
+(:mod:`.introspect`), the recalibration of their statistics (:mod:`.recalibration`), the conversion of any
+model's BatchNorm-like layers to any kind (:func:`convert_norms`, :mod:`.conversion`) and their folding into
 the layer before them for inference (:mod:`.fusion`).
 
 >>> from bnzoo.norms import make_norm, list_norms
@@ -9,6 +10,7 @@ BatchRenorm2d(64, eps=1e-05, momentum=0.01, affine=True, bias=True, track_runnin
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .channel import ChannelGroupNorm, ChannelLayerNorm, default_num_groups
+from .conversion import convert_norms, replace_modules, revert_norms, select_norm_layers
 from .convert import convert_sync_norms, freeze_norms, revert_sync_norms
 from .factory import (
     BUILTIN_NORMS,
@@ -77,11 +79,13 @@ __all__ = [
     "create_activation",
     "default_num_groups",
     "check_norm_config",
+    "convert_norms",
     "convert_sync_norms",
     "fold_norms",
     "freeze_norms",
     "fuse_norms",
     "revert_sync_norms",
+    "select_norm_layers",
     "global_batch_moments",
     "is_distributed",
     "lengths_to_mask",
@@ -93,6 +97,8 @@ __all__ = [
     "recalibrate_norm_stats",
     "register_norm",
     "register_with_timm",
+    "replace_modules",
+    "revert_norms",
     "sequence_mask",
     "with_activation",
     "with_packed_data",
