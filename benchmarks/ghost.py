@@ -15,6 +15,7 @@ Ratios are to ``bn`` measured in the same run (interleaved rounds, :func:`benchm
     OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.ghost             # CPU table
     .venv/bin/python -m benchmarks.ghost --device cuda                 # on a GPU machine
     .venv/bin/python -m benchmarks.ghost --quick                       # smoke run
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.ghost --profile   # where the time goes (torch.profiler)
 """
 
 from __future__ import annotations
@@ -90,6 +91,29 @@ def benchmark(
     return [benchmark_shape(shape, k, device, rounds, clock) for shape in shapes for k in sizes if k < shape[0]]
 
 
+def profile_rows(shape: tuple[int, ...], k: int, steps: int = 20) -> list[dict[str, object]]:
+    """Where the time of ``bn`` and ``ghost bn`` goes on one shape: the share of each op's self CPU time."""
+    from torch.profiler import profile
+
+    channels, layout = shape[1], "1d" if len(shape) == 2 else "2d"
+    x = (torch.randn(shape) * 2 + 1).requires_grad_()
+    upstream = torch.randn(shape)
+    rows = []
+    for name, options in (("bn", {}), ("ghost bn", {"virtual_batch_size": k})):
+        step = _step(make_norm("bn", channels, layout, **options).train(), x, upstream, False)
+        for _ in range(3):
+            step()
+        with profile() as prof:
+            for _ in range(steps):
+                step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:6]:
+            share = event.self_cpu_time_total / total
+            rows.append({"candidate": name, "op": event.key, "calls/step": event.count // steps, "share": share})
+    return rows
+
+
 COLUMNS = ["shape", "k", "bn ms", "ghost bn ms", "ghost bn / bn", "ghost renorm / bn", "chunked / bn"]
 
 
@@ -106,7 +130,13 @@ def main() -> None:
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=list(VIRTUAL_BATCH_SIZES), help="virtual batch sizes k (4 32)"
     )
+    parser.add_argument("--profile", action="store_true", help="op breakdown of bn and ghost bn on two shapes")
     args = parser.parse_args()
+    if args.profile:
+        for shape in ((128, 16, 32, 32), (256, 1024)):
+            print(f"torch.profiler, {'x'.join(map(str, shape))}, k=4, self CPU time: {machine_line()}")
+            print(format_table(profile_rows(shape, 4), ["candidate", "op", "calls/step", "share"]))
+        return
     shapes = [(16, 8, 8, 8), (64, 32)] if args.quick else SHAPES
     sizes = (4,) if args.quick else tuple(args.sizes)
     clock = time.process_time if args.cpu_time else time.perf_counter

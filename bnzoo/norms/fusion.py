@@ -6,7 +6,7 @@ In inference a BatchNorm is a per-channel affine map of its input (Ioffe & Szege
     y = gamma / sqrt(Var[x] + eps) * x + (beta - gamma E[x] / sqrt(Var[x] + eps))
 
 with the running statistics for E[x] and Var[x]. Batch Renorm's inference is the same map on its running
-statistics (Ioffe 2017, Sec. 3: "at inference ... the same as batch normalization"; bnzoo stores
+statistics (Ioffe 2017, Alg. 1, inference: ``y = gamma (x - mu) / sigma + beta``; bnzoo stores
 ``running_var = sigma^2 - eps``), and frozen BN is that map in training mode too. When the input is
 ``x = W u + b`` of a convolution or linear layer, the two compose into one layer (s = gamma / sqrt(var + eps),
 per output channel)::
