@@ -18,31 +18,39 @@ import torch
 __all__ = ["compare", "format_table", "machine_line"]
 
 
-def _calibrate(fn: Callable[[], object], round_s: float) -> int:
+def _calibrate(fn: Callable[[], object], round_s: float, clock: Callable[[], float]) -> int:
     fn()  # warm-up (allocator, lazy init)
-    start = time.perf_counter()
+    start = clock()
     fn()
-    once = max(time.perf_counter() - start, 1e-6)
+    once = max(clock() - start, 1e-6)
     return max(1, int(round_s / once))
 
 
 def compare(
-    candidates: Mapping[str, Callable[[], object]], rounds: int = 15, round_s: float = 0.05
+    candidates: Mapping[str, Callable[[], object]],
+    rounds: int = 15,
+    round_s: float = 0.05,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed in interleaved rounds."""
-    reps = {name: _calibrate(fn, round_s) for name, fn in candidates.items()}
+    """Median seconds per call of each candidate, timed in interleaved rounds.
+
+    ``clock``: wall time by default; ``time.process_time`` (CPU seconds of this process) leaves out the time the
+    process waits for a core, which on a shared, overloaded machine is most of the wall time (meaningful with
+    one thread on the CPU only: it counts every thread's CPU time, and none of a GPU's)."""
+    reps = {name: _calibrate(fn, round_s, clock) for name, fn in candidates.items()}
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            start = time.perf_counter()
+            start = clock()
             for _ in range(reps[name]):
                 fn()
-            samples[name].append((time.perf_counter() - start) / reps[name])
+            samples[name].append((clock() - start) / reps[name])
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def format_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     """A Markdown table of ``rows`` (dicts) with the given ``columns``."""
+
     def cell(value: object) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 

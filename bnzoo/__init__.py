@@ -7,7 +7,16 @@ which returns a LightningModule, imports the Lightning layer on first use.
 from typing import Any
 
 from .models import list_models, model_options, register_model
-from .norms import NormFactory, list_norms, make_norm, norm_factory, norm_layer, register_norm
+from .norms import (
+    NormFactory,
+    convert_norms,
+    list_norms,
+    make_norm,
+    norm_factory,
+    norm_layer,
+    register_norm,
+    revert_norms,
+)
 from .zoo import create_model, list_pretrained
 
 __version__ = "0.1.0"
@@ -24,6 +33,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "NormFactory",
     "__version__",
+    "convert_norms",
     "create_model",
     "list_models",
     "list_norms",
@@ -35,4 +45,5 @@ __all__ = [
     "norm_layer",
     "register_model",
     "register_norm",
+    "revert_norms",
 ]

@@ -12,6 +12,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .io import UnsafeCheckpointError, atomic_torch_save, safe_torch_load
+from .models.timm_models import without_initial_weights
 from .zoo.fetch import read_checkpoint_bytes
 from .zoo.trust import check_checkpoint_hyperparameters
 
@@ -86,7 +87,11 @@ class SafeLoadFromCheckpoint:
             raise _refuse_weights_only_false(checkpoint_path)
         label = checkpoint_path if isinstance(checkpoint_path, (str, os.PathLike)) else "<file object>"
         data = read_checkpoint_bytes(checkpoint_path)
-        check_checkpoint_hyperparameters(safe_torch_load(io.BytesIO(data), label=label), str(label))
+        checkpoint = safe_torch_load(io.BytesIO(data), label=label)
+        check_checkpoint_hyperparameters(checkpoint, str(label))
+        stored = checkpoint.get("hyper_parameters")
+        if isinstance(stored, dict) and "model_options" in stored and "model_options" not in kwargs:
+            kwargs["model_options"] = without_initial_weights(stored)["model_options"]  # its weights are its own
         return super().load_from_checkpoint(  # type: ignore[misc]
             io.BytesIO(data), map_location, hparams_file, strict, weights_only=True, **kwargs
         )

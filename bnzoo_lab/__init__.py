@@ -1,7 +1,7 @@
 """The claims lab: experiments that reproduce, at small scale on real data, what normalization is claimed to do.
 
 Each experiment is data under ``configs/experiments/<name>/`` (see :mod:`bnzoo_lab.spec`), run through
-bnzoo's own CLI (:mod:`bnzoo_lab.runner`) and judged by explicit rules in a generated report
+bnzoo's own CLI (:mod:`bnzoo_lab.runner`) and judged by stated tests (Welch, TOST, Fisher) in a generated report
 (:mod:`bnzoo_lab.metrics`, :mod:`bnzoo_lab.report`)::
 
     bnzoo experiment list

@@ -3,7 +3,7 @@
 bnzoo experiment list
 bnzoo experiment run c1_ics [--quick] [--seeds 0 1 2] [--threads 1]
 bnzoo experiment run all --jobs 2 --threads 1        # the whole suite, two experiments at a time
-bnzoo experiment report [--results-dir reports/results] [--out reports]
+bnzoo experiment report [--results-dir reports/results] [--out reports] [--readme README.md] [--strict]
 """
 
 from __future__ import annotations
@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="claims.md and a PNG per experiment, from the results files")
     report.add_argument("--results-dir", type=Path, default=Path("reports/results"))
     report.add_argument("--out", type=Path, help="default: the parent of --results-dir")
+    report.add_argument(
+        "--readme",
+        type=Path,
+        help="also rewrite the claims summary between <!-- claims:begin --> and <!-- claims:end -->",
+    )
+    report.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse results made by other code or another setup (stale) instead of marking them",
+    )
     return parser
 
 
@@ -59,8 +69,13 @@ def _main(argv: list[str] | None) -> int:
             print(f"{name:<20} {', '.join(s.claims):<8} {s.title}")
         return 0
     if args.command == "report":
-        path = report.write_report(args.results_dir, args.out or args.results_dir.parent)
-        print(f"wrote {path}")
+        try:
+            path = report.write_report(args.results_dir, args.out or args.results_dir.parent, strict=args.strict,
+                                       readme=args.readme)  # fmt: skip
+        except ValueError as err:
+            print(f"bnzoo experiment report: error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {path}" + (f" and the summary in {args.readme}" if args.readme else ""))
         return 0
     names = spec.list_experiments() if args.names == ["all"] else args.names
     try:

@@ -129,7 +129,7 @@ class ClassGroupedDataModule(WrappedImageDataModule):
             dataset, data_dir=data_dir, batch_size=batch_size, num_workers=num_workers, val_size=val_size, seed=seed,
             train_subset=train_subset, normalization=normalization, download=download,
         )  # fmt: skip
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged by the task's logged_hparams()
         check_grouping(batch_size, classes_per_batch, self.num_classes)
         self.classes_per_batch = classes_per_batch
 
@@ -185,7 +185,7 @@ class RescaledFeaturesDataModule(WrappedImageDataModule):
             dataset, data_dir=data_dir, batch_size=batch_size, num_workers=num_workers, val_size=val_size, seed=seed,
             train_subset=train_subset, normalization=normalization, download=download,
         )  # fmt: skip
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged by the task's logged_hparams()
         if isinstance(log10_range, bool) or not isinstance(log10_range, (int, float)) or log10_range < 0:
             raise ValueError(f"log10_range must be a number >= 0, got {log10_range!r}")
         shape = (self.in_chans, self.image_size, self.image_size)

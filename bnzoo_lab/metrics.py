@@ -28,15 +28,22 @@ mapping with parameters):
 ``landscape``               ``{key: loss_range, skip: 0.0}``: mean over probe steps of a LandscapeProbe quantity
 ==========================  =========================================================================================
 
-Rules (seeds are the unit of noise; ``spread`` = the larger of the two sides' sample standard deviations over
-seeds, and ``margin = max(spread, min_margin)``):
+Rules (seeds are the unit of noise; every test at level ``ALPHA = 0.05``; :mod:`bnzoo_lab.stats` has the formulas):
 
-* ``greater``: *reproduced* if ``mean(a) - mean(b) > margin``; *opposite* if ``mean(b) - mean(a) > margin``; else
-  *not reproduced (within noise)*.
-* ``less``: the same with a and b exchanged.
-* ``close``: *reproduced* if ``|mean(a) - mean(b)| <= max(tolerance, margin)``, else *not reproduced*.
+* ``greater``: *reproduced* if Welch's one-sided t-test says ``mean(a) - mean(b) > min_margin`` (p <= alpha, i.e.
+  the lower end of the 90% interval above ``min_margin``); *opposite* if it says ``mean(a) < mean(b)``; else
+  *not reproduced (within noise)*. For a 0/1 metric (``diverged``, ``failed``) the test is the exact permutation
+  test (Fisher's exact test), and the observed difference of the rates must also exceed ``min_margin``.
+* ``less``: the same with the direction exchanged.
+* ``close``: TOST against the finding's fixed ``tolerance`` (never widened by the noise): *reproduced* if the
+  difference is significantly inside ``(-tolerance, tolerance)`` (the 90% interval inside it); *not reproduced*
+  if it is significantly outside (a one-sided test beyond ``+-tolerance``); else *not reproduced (within noise)*.
+* *too few seeds* when a measured side has fewer than ``MIN_SEEDS = 3`` values; *no verdict (non-finite values)*
+  when a value is not finite (a diverged run's loss).
 
-A side is a variant, a group of variants with a reduction, or a constant number (standard deviation 0).
+A side is a variant, a group of variants with a reduction (seed by seed), or a constant number (no variance: the
+one-sample test). Censored values (``steps_to_target`` of runs that never reached the target) enter as their
+lower bound, which understates a difference in the "fewer steps" direction.
 """
 
 from __future__ import annotations
@@ -47,11 +54,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["METRICS", "Judgement", "Results", "SideValues", "judge", "metric_name", "run_metric"]
+from .spec import BINARY_METRICS  # 0/1 per run: judged by the exact permutation (Fisher) test
+from .stats import permutation_p, tost, welch
+
+__all__ = [
+    "ALPHA",
+    "BINARY_METRICS",
+    "METRICS",
+    "MIN_SEEDS",
+    "VERDICTS",
+    "Judgement",
+    "Results",
+    "SideValues",
+    "judge",
+    "metric_name",
+    "run_metric",
+    "side_values",
+]
 
 REPRODUCED, OPPOSITE, WITHIN_NOISE, NOT_REPRODUCED = (
     "reproduced", "opposite", "not reproduced (within noise)", "not reproduced",
 )  # fmt: skip
+TOO_FEW, NO_VERDICT = "too few seeds", "no verdict (non-finite values)"
+#: every verdict a finding can get
+VERDICTS = (REPRODUCED, OPPOSITE, WITHIN_NOISE, NOT_REPRODUCED, TOO_FEW, NO_VERDICT)
 
 
 class Results:
@@ -197,6 +223,7 @@ class SideValues:
     label: str
     values: list[float]
     censored: list[bool]
+    constant: bool = False  # a number in the spec (one exact value), not a measurement
 
     @property
     def mean(self) -> float:
@@ -221,7 +248,7 @@ def side_values(side: str | dict[str, Any], metric: str | dict[str, Any], result
     """The metric's value per seed for a variant, or reduced over a group of variants seed by seed, or a constant
     (a number: e.g. 0 for "the gain is positive")."""
     if isinstance(side, (int, float)) and not isinstance(side, bool):
-        return SideValues(f"{side:g}", [float(side)], [False])
+        return SideValues(f"{side:g}", [float(side)], [False], constant=True)
     if isinstance(side, str):
         pairs = [run_metric(metric, run, results) for run in results.runs(side)]
         return SideValues(labels.get(side, side), [v for v, _ in pairs], [c for _, c in pairs])
@@ -232,31 +259,81 @@ def side_values(side: str | dict[str, Any], metric: str | dict[str, Any], result
     return SideValues(label, values, [False] * len(values))
 
 
+#: every test's level, and the fewest values a measured side needs for a verdict
+ALPHA, MIN_SEEDS = 0.05, 3
+
+
 @dataclass(frozen=True)
 class Judgement:
-    """A finding judged: the two sides' numbers, the difference, the margin and the verdict."""
+    """A finding judged: the two sides, the difference of their means, the verdict and the test behind it --
+    its name, its p-value (None where no test ran) and the 90% interval of the difference (None for the exact
+    test and where no test ran; each end is a one-sided 95% bound); ``note`` says why no test ran."""
 
     a: SideValues
     b: SideValues
     difference: float
-    margin: float
     verdict: str
+    test: str
+    p_value: float | None = None
+    interval: tuple[float, float] | None = None
+    note: str = ""
+    bound: float = 0.0  # close: the tolerance; greater/less: the min_margin the difference must exceed
 
 
-def judge(rule: str, a: SideValues, b: SideValues, min_margin: float = 0.0, tolerance: float = 0.0) -> Judgement:
-    """Apply ``rule`` (greater, less, close) to two sides; see the module docstring."""
-    difference = a.mean - b.mean
-    margin = max(a.std, b.std, min_margin)
-    if not math.isfinite(difference):
-        return Judgement(a, b, difference, margin, NOT_REPRODUCED)
+def _values(side: SideValues) -> list[float] | float:
+    return side.values[0] if side.constant else side.values
+
+
+def _judge_binary(rule: str, a: SideValues, b: SideValues, difference: float, min_margin: float) -> Judgement:
+    if a.constant or b.constant:
+        raise ValueError("a 0/1 metric compares two measured sides, not a constant")
     if rule == "close":
-        verdict = REPRODUCED if abs(difference) <= max(tolerance, margin) else NOT_REPRODUCED
-    elif rule in ("greater", "less"):
-        signed = difference if rule == "greater" else -difference
-        verdict = REPRODUCED if signed > margin else OPPOSITE if signed < -margin else WITHIN_NOISE
+        raise ValueError("close (equivalence) is not defined for a 0/1 metric; use greater or less")
+    forward, backward = ("greater", "less") if rule == "greater" else ("less", "greater")
+    p = permutation_p(a.values, b.values, forward)
+    signed = difference if rule == "greater" else -difference
+    if p <= ALPHA and signed > min_margin:
+        verdict = REPRODUCED
+    elif permutation_p(a.values, b.values, backward) <= ALPHA:
+        verdict = OPPOSITE
     else:
+        verdict = WITHIN_NOISE
+    return Judgement(a, b, difference, verdict, "exact permutation (Fisher), one-sided", p, bound=min_margin)
+
+
+def judge(rule: str, a: SideValues, b: SideValues, min_margin: float = 0.0, tolerance: float = 0.0,
+          binary: bool = False) -> Judgement:  # fmt: skip
+    """Apply ``rule`` (greater, less, close) to two sides; see the module docstring. ``binary``: the metric is
+    0/1 per run (:data:`BINARY_METRICS`)."""
+    if rule not in ("greater", "less", "close"):
         raise ValueError(f"unknown rule {rule!r}; valid: greater, less, close")
-    return Judgement(a, b, difference, margin, verdict)
+    if rule == "close" and not tolerance > 0:
+        raise ValueError(f"close needs a positive tolerance, got {tolerance!r}")
+    if min_margin < 0:
+        raise ValueError(f"min_margin must be >= 0, got {min_margin!r}")
+    difference = a.mean - b.mean
+    if not all(math.isfinite(v) for v in a.values + b.values):
+        bad = sum(not math.isfinite(v) for v in a.values + b.values)
+        return Judgement(a, b, difference, NO_VERDICT, "none", note=f"{bad} value(s) not finite")
+    short = [s for s in (a, b) if not s.constant and len(s.values) < MIN_SEEDS]
+    if short:
+        counts = ", ".join(f"{s.label}: {len(s.values)}" for s in short)
+        return Judgement(a, b, difference, TOO_FEW, "none", note=f"needs {MIN_SEEDS} seeds a side ({counts})")
+    if binary:
+        return _judge_binary(rule, a, b, difference, min_margin)
+    test = welch(_values(a), _values(b))
+    interval = test.interval(1 - 2 * ALPHA)
+    if rule == "close":
+        p = tost(test, tolerance)
+        outside = min(test.p_greater(tolerance), test.p_less(-tolerance))
+        verdict = REPRODUCED if p <= ALPHA else NOT_REPRODUCED if outside <= ALPHA else WITHIN_NOISE
+        return Judgement(a, b, difference, verdict, "TOST (Welch)", p, interval, bound=tolerance)
+    if rule == "greater":
+        p, p_back = test.p_greater(min_margin), test.p_less(0.0)
+    else:
+        p, p_back = test.p_less(-min_margin), test.p_greater(0.0)
+    verdict = REPRODUCED if p <= ALPHA else OPPOSITE if p_back <= ALPHA else WITHIN_NOISE
+    return Judgement(a, b, difference, verdict, "Welch t, one-sided", p, interval, bound=min_margin)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,46 +1,45 @@
 """``bnzoo experiment report``: the Markdown report and one PNG figure per experiment, from results files only.
 
-Reads ``<results_dir>/<experiment>.json`` (written by :mod:`bnzoo_lab.runner`) and the experiment's spec
-(the current ``experiment.yaml`` when it exists, else the copy stored with the results), judges every finding with
-the rules of :mod:`bnzoo_lab.metrics`, and writes ``<out>/claims.md`` and ``<out>/<experiment>.png``.
-Nothing is trained: the report can be regenerated at any time, e.g. after changing a finding's rule.
-
-Figure panels (a spec's ``figure:`` list), each a mapping with ``kind`` and an optional ``title``:
-
-* ``curve``: ``series`` (``val_acc``, ``val_loss``, ``train_loss`` or ``landscape.<key>``) against the step, the mean
-  over seeds with their min-max band; options ``variants``, ``logy``, ``smooth`` (moving-average window).
-* ``band``: the seed-mean of ``lower`` and ``upper`` series filled between (Santurkar et al. 2018, Fig. 4).
-* ``percentiles``: one axis per variant (``variants``) with the percentiles of ActivationPercentiles for the first
-  seed and ``unit`` (Ioffe & Szegedy 2015, Fig. 1(b, c)).
-* ``bars``: ``metric`` per variant, mean with the seeds' standard deviation and each seed as a dot.
-* ``sweep``: ``metric`` against each variant's ``x``, one line per entry of ``groups`` (label -> variants);
-  ``logx`` for a log axis.
+Reads ``<results_dir>/<experiment>.json`` (written by :mod:`bnzoo_lab.runner`), judges every finding with the spec
+*stored with the results* by the rules of :mod:`bnzoo_lab.metrics`, checks each result's provenance against the
+code and spec of now (:mod:`bnzoo_lab.provenance`: a result made by other code or another setup is marked STALE,
+or refused with ``strict``), and writes ``<out>/claims.md`` and ``<out>/<experiment>.png``
+(:mod:`bnzoo_lab.figures`). With ``readme``, the summary between ``<!-- claims:begin -->`` and
+``<!-- claims:end -->`` in that file is rewritten from the same numbers. Nothing is trained: the report can be
+regenerated at any time.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
-from collections.abc import Callable
-from dataclasses import fields
+from collections import Counter
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from bnzoo.io import atomic_write_bytes
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
+from .figures import render_figure
+from .formatting import describe_side, format_stat, format_test, metric_label, table
+from .metrics import (
+    ALPHA,
+    MIN_SEEDS,
+    VERDICTS,
+    Judgement,
+    Results,
+    SideValues,
+    judge,
+    metric_name,
+    run_metric,
+    side_values,
+)
+from .provenance import source_hash, staleness
+from .spec import BINARY_METRICS, CONFIG_ROOT, ExperimentSpec, Finding, Variant, load_spec
 
-from .metrics import Judgement, Results, SideValues, judge, metric_name, run_metric, side_values
-from .spec import CONFIG_ROOT, ExperimentSpec, Finding, Variant, load_spec
+__all__ = ["Loaded", "load_results", "readme_summary", "write_readme", "write_report"]
 
-__all__ = ["load_results", "render_figure", "write_report"]
-
-ACCURACIES = ("test_acc", "recalibrated_test_acc", "final_val_acc", "max_val_acc", "mean_val_acc")
-PANEL_KINDS = ("curve", "band", "percentiles", "bars", "sweep")
-COLORS = plt.get_cmap("tab10").colors
+BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -56,305 +55,83 @@ def spec_from_summary(data: dict[str, Any]) -> ExperimentSpec:
     return ExperimentSpec(**values)
 
 
-def load_results(results_dir: Path, config_root: Path | None = None) -> list[tuple[ExperimentSpec, Results]]:
-    """Every experiment's (spec, results) under ``results_dir``, in claim order."""
-    pairs = []
+@dataclass(frozen=True)
+class Loaded:
+    """One results file: the spec stored with it (what it is judged by), its results, why it is stale (empty:
+    current) and notes (e.g. the spec's findings changed since the run)."""
+
+    spec: ExperimentSpec
+    results: Results
+    stale: list[str]
+    notes: list[str]
+
+
+def _current_spec(name: str, root: Path) -> ExperimentSpec | None:
+    if not (root / name / "experiment.yaml").is_file():
+        return None
+    try:
+        return load_spec(name, root)
+    except ValueError:  # a spec that no longer loads cannot vouch for the result
+        return None
+
+
+def load_results(results_dir: Path, config_root: Path | None = None, strict: bool = False) -> list[Loaded]:
+    """Every experiment's results under ``results_dir`` in claim order, with their provenance checked; ``strict``
+    raises a ValueError naming every stale result instead of marking them."""
+    root, code, loaded = config_root or CONFIG_ROOT, source_hash(), []
     for path in sorted(results_dir.glob("*.json")):
         data = json.loads(path.read_text())
         if "experiment" not in data:
             continue  # e.g. suite.json
-        root = config_root or CONFIG_ROOT
-        if (root / data["experiment"] / "experiment.yaml").is_file():
-            spec = load_spec(data["experiment"], root)
-        else:
-            spec = spec_from_summary(data["spec"])
-        pairs.append((spec, Results(data)))
+        current = _current_spec(data["experiment"], root)
+        stored = spec_from_summary(data["spec"]) if data.get("spec") else current
+        if stored is None:
+            raise ValueError(f"{path}: no spec stored with the results and no experiment {data['experiment']!r}")
+        provenance = data.get("provenance")
+        notes = []
+        if provenance and current is not None and stored.findings != current.findings:
+            notes.append("the experiment's findings changed since this run; judged with the findings stored "
+                         "with the results")  # fmt: skip
+        reasons = staleness(provenance, current, code)
+        asked = (current.quick_seeds if data.get("quick") else current.seeds) if current is not None else None
+        if asked is not None and list(data["seeds"]) != asked:
+            reasons.append(f"run with seeds {data['seeds']}, the experiment asks {asked}")
+        loaded.append(Loaded(stored, Results(data), reasons, notes))
+    stale = [f"{item.spec.name}: {'; '.join(item.stale)}" for item in loaded if item.stale]
+    if strict and stale:
+        raise ValueError("stale results (rerun them with `bnzoo experiment run`):\n  " + "\n  ".join(stale))
     order = {c: i for i, c in enumerate(f"C{n}" for n in range(1, 100))}
-    return sorted(pairs, key=lambda p: (order.get(p[0].claims[0], 999), p[0].name))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Numbers as text
-
-
-def format_value(metric: str, value: float, censored: bool = False, digits: int = 3) -> str:
-    """A metric's value as text: accuracies in %, gains in points, steps as integers, others to ``digits``
-    significant digits; ``censored`` adds ">" (a lower bound)."""
-    if math.isnan(value):
-        return "n/a"
-    mark = ">" if censored else ""
-    if metric in ACCURACIES:
-        return f"{mark}{100 * value:.1f}%"
-    if metric == "recalibration_gain":
-        return f"{mark}{100 * value:+.1f} pts"
-    if metric == "steps_to_target":
-        return f"{mark}{value:.0f}"
-    return f"{mark}{value:.{digits}g}"
-
-
-def metric_label(metric: str | dict[str, Any]) -> str:
-    """A metric as a reader names it, e.g. "steps to none's best val acc"."""
-    name, params = metric_name(metric)
-    if name == "steps_to_target":
-        target = params.get("target")
-        what = f"{target['max_val_acc_of']}'s best val acc" if isinstance(target, dict) else f"{target:.0%} val acc"
-        return f"steps to {what}"
-    if name == "landscape":
-        return f"landscape {params.get('key', 'loss_range')}".replace("_", " ")
-    return name.replace("_", " ")
-
-
-def format_stat(metric: str, side: SideValues) -> str:
-    """A side's numbers: "mean ± std" (with ">" for censored values), or "k/n" seeds for a 0/1 metric."""
-    n = len(side.values)
-    if metric in ("diverged", "failed"):
-        return f"{sum(v > 0 for v in side.values):.0f}/{n} seeds"
-    censored = sum(side.censored)
-    text = format_value(metric, side.mean, censored == n and n > 0)
-    if n > 1 and censored < n:
-        text += " ± " + format_value(metric, side.std, digits=2).lstrip("+").replace(" pts", "")
-    if 0 < censored < n:
-        text += f" ({censored}/{n} never reached it)"
-    return text
-
-
-def describe_side(metric: str, side: SideValues) -> str:
-    n = len(side.values)
-    if metric in ("diverged", "failed"):
-        what = "diverged" if metric == "diverged" else "failed (diverged or near chance)"
-        return f"{side.label}: {format_stat(metric, side)} {what}"
-    return f"{side.label}: {format_stat(metric, side)}" + (f" ({n} seeds)" if n > 1 else " (1 seed)")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Figures
-
-
-def _series(run: dict[str, Any], name: str) -> tuple[list[float], list[float]]:
-    if name in ("val_acc", "val_loss"):
-        column = 1 if name == "val_acc" else 2
-        return [v[0] for v in run.get("val") or []], [v[column] for v in run.get("val") or []]
-    if name == "train_loss":
-        rows = run.get("train_loss") or []
-        return [r[0] for r in rows], [r[1] for r in rows]
-    if name.startswith("landscape."):
-        key = name.split(".", 1)[1]
-        rows = run.get("landscape") or []
-        return [r["step"] for r in rows], [r[key] for r in rows]
-    raise ValueError(f"unknown series {name!r}; valid: val_acc, val_loss, train_loss, landscape.<key>")
-
-
-def _smooth(values: list[float], window: int) -> list[float]:
-    if window <= 1:
-        return values
-    out = []
-    for i in range(len(values)):
-        chunk = [v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
-        out.append(statistics.fmean(chunk) if chunk else math.nan)
-    return out
-
-
-def _seed_stack(runs: list[dict[str, Any]], series: str, window: int = 1) -> tuple[list[float], list[list[float]]]:
-    """The series of every seed on the first seed's steps (runs that stopped early are cut at their end)."""
-    curves = [_series(run, series) for run in runs]
-    steps = max((c[0] for c in curves), key=len)
-    stacked = []
-    for xs, ys in curves:
-        lookup = dict(zip(xs, _smooth(ys, window), strict=True))
-        stacked.append([lookup.get(x, math.nan) for x in steps])
-    return steps, stacked
-
-
-def _stats(columns: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
-    means, lows, highs = [], [], []
-    for values in zip(*columns, strict=True):
-        finite = [v for v in values if math.isfinite(v)]
-        means.append(statistics.fmean(finite) if finite else math.nan)
-        lows.append(min(finite) if finite else math.nan)
-        highs.append(max(finite) if finite else math.nan)
-    return means, lows, highs
-
-
-def _color(spec: ExperimentSpec, variant: str) -> Any:
-    """One color per variant, the same in every panel of the figure."""
-    return COLORS[list(spec.variants).index(variant) % len(COLORS)]
-
-
-def _panel_variants(panel: dict[str, Any], spec: ExperimentSpec, results: Results) -> list[str]:
-    wanted = panel.get("variants") or list(spec.variants)
-    return [v for v in wanted if v in results.variants()]
-
-
-def _curve(ax: Axes, panel: dict[str, Any], spec: ExperimentSpec, results: Results) -> None:
-    series = panel["series"]
-    for variant in _panel_variants(panel, spec, results):
-        steps, stacked = _seed_stack(results.runs(variant), series, int(panel.get("smooth", 1)))
-        mean, low, high = _stats(stacked)
-        color = _color(spec, variant)
-        marker = "o" if len(steps) <= 12 else None
-        ax.plot(steps, mean, color=color, label=spec.variants[variant].label, lw=1.4, marker=marker, ms=3)
-        if len(stacked) > 1:
-            ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
-    ax.set_xlabel("step")
-    ax.set_ylabel(panel.get("ylabel", series.replace("_", " ")))
-    if panel.get("logy"):
-        ax.set_yscale("log")
-    ax.legend(fontsize=7)
-
-
-def _band(ax: Axes, panel: dict[str, Any], spec: ExperimentSpec, results: Results) -> None:
-    for variant in _panel_variants(panel, spec, results):
-        runs = results.runs(variant)
-        steps, lower = _seed_stack(runs, panel["lower"])
-        _, upper = _seed_stack(runs, panel["upper"])
-        color = _color(spec, variant)
-        ax.fill_between(steps, _stats(lower)[0], _stats(upper)[0], color=color, alpha=0.35, lw=0,
-                        label=spec.variants[variant].label)  # fmt: skip
-    ax.set_xlabel("step")
-    ax.set_ylabel(panel.get("ylabel", "loss"))
-    if panel.get("logy"):
-        ax.set_yscale("log")
-    ax.legend(fontsize=7)
-
-
-def _percentiles(axes: list[Axes], panel: dict[str, Any], spec: ExperimentSpec, results: Results) -> None:
-    unit = int(panel.get("unit", 0))
-    for ax, variant in zip(axes, _panel_variants(panel, spec, results), strict=False):
-        records = [r for r in results.runs(variant)[0].get("percentiles") or [] if r["unit"] == unit]
-        keys = sorted((k for k in (records[0] if records else {}) if k.startswith("p")), key=lambda k: float(k[1:]))
-        for key, style in zip(keys, ("--", "-", "--", ":", ":"), strict=False):
-            ax.plot([r["step"] for r in records], [r[key] for r in records], style, color="k", lw=1.0,
-                    label=f"{float(key[1:]):g}th")  # fmt: skip
-        ax.set_title(f"{spec.variants[variant].label}: unit {unit}", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel(panel.get("ylabel", "sigmoid input"))
-        ax.legend(fontsize=6, ncols=3, loc="upper center", frameon=False)
-        low, high = ax.get_ylim()
-        ax.set_ylim(low, high + 0.25 * (high - low))  # room for the legend
-
-
-def _bars(ax: Axes, panel: dict[str, Any], spec: ExperimentSpec, results: Results) -> None:
-    metrics = panel.get("metrics") or [panel["metric"]]
-    names = [metric_name(m)[0] for m in metrics]
-    variants = _panel_variants(panel, spec, results)
-    scale = 100.0 if all(n in ACCURACIES or n == "recalibration_gain" for n in names) else 1.0
-    width = 0.8 / len(metrics)
-    shown: list[float] = []
-    for j, metric in enumerate(metrics):
-        for i, variant in enumerate(variants):
-            values = [run_metric(metric, run, results)[0] * scale for run in results.runs(variant)]
-            finite = [v for v in values if math.isfinite(v)]
-            mean = statistics.fmean(finite) if finite else 0.0
-            std = statistics.stdev(finite) if len(finite) > 1 else 0.0
-            x = i + (j - (len(metrics) - 1) / 2) * width
-            color = COLORS[j % len(COLORS)] if len(metrics) > 1 else _color(spec, variant)
-            label = metric_label(metric) if i == 0 and len(metrics) > 1 else None
-            ax.bar(x, mean, width=width * 0.9, yerr=std, color=color, alpha=0.7, capsize=3, label=label)
-            ax.plot([x] * len(finite), finite, "k.", ms=3)
-            shown += finite
-    ax.set_xticks(range(len(variants)), [spec.variants[v].label for v in variants], rotation=25, ha="right",
-                  fontsize=7)  # fmt: skip
-    default = metric_label(metrics[0]) if len(metrics) == 1 else "value"
-    ax.set_ylabel(panel.get("ylabel", default + (" (%)" if scale == 100 else "")))
-    if len(metrics) > 1:
-        ax.legend(fontsize=7)
-    if panel.get("ylim"):
-        ax.set_ylim(*panel["ylim"])
-    elif scale == 100 and shown and min(shown) > 20:  # accuracies: zoom in, the axis says where it starts
-        low, high = min(shown), max(shown)
-        ax.set_ylim(
-            5 * math.floor((low - max(2.0, 0.5 * (high - low))) / 5), min(100.0, high + 0.15 * (high - low) + 1)
-        )
-
-
-def _sweep(ax: Axes, panel: dict[str, Any], spec: ExperimentSpec, results: Results) -> None:
-    metric = panel["metric"]
-    name, _ = metric_name(metric)
-    scale = 100.0 if name in ACCURACIES else 1.0
-    for i, (label, variants) in enumerate(panel["groups"].items()):
-        xs, means, stds = [], [], []
-        for variant in (v for v in variants if v in results.variants()):
-            values = [run_metric(metric, run, results)[0] * scale for run in results.runs(variant)]
-            xs.append(spec.variants[variant].x)
-            means.append(statistics.fmean(values))
-            stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
-        ax.errorbar(xs, means, yerr=stds, marker="o", ms=4, capsize=3, color=COLORS[i % len(COLORS)], label=label)
-    if panel.get("logx"):
-        ax.set_xscale("log")
-    ax.set_xlabel(panel.get("xlabel", "x"))
-    ax.set_ylabel(panel.get("ylabel", metric_label(metric) + (" (%)" if scale == 100 else "")))
-    ax.legend(fontsize=7)
-
-
-_SINGLE: dict[str, Callable[[Axes, dict[str, Any], ExperimentSpec, Results], None]] = {
-    "curve": _curve,
-    "band": _band,
-    "bars": _bars,
-    "sweep": _sweep,
-}
-
-
-def render_figure(spec: ExperimentSpec, results: Results, path: Path) -> Path | None:
-    """Draw the spec's panels into one PNG (small: 90 dpi); None when the spec has no panels."""
-    panels = spec.figure
-    if not panels:
-        return None
-    for panel in panels:
-        if panel.get("kind") not in PANEL_KINDS:
-            raise ValueError(f"{spec.name}: unknown figure kind {panel.get('kind')!r}; valid: {', '.join(PANEL_KINDS)}")
-    counts = [len(_panel_variants(p, spec, results)) if p["kind"] == "percentiles" else 1 for p in panels]
-    total = sum(counts)
-    columns = min(total, 4 if total != 5 else 3)
-    rows = math.ceil(total / columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(3.5 * columns, 2.8 * rows), squeeze=False)
-    axes = list(grid.flat)
-    position = 0
-    for panel, count in zip(panels, counts, strict=True):
-        own = axes[position : position + count]
-        position += count
-        if panel["kind"] == "percentiles":
-            _percentiles(own, panel, spec, results)
-        else:
-            _SINGLE[panel["kind"]](own[0], panel, spec, results)
-            if panel.get("title"):
-                own[0].set_title(panel["title"], fontsize=9)
-        for ax in own:
-            ax.tick_params(labelsize=7)
-            ax.grid(alpha=0.3)
-    for ax in axes[position:]:
-        ax.axis("off")
-    figure.suptitle(f"{', '.join(spec.claims)}: {spec.title}", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90, pil_kwargs={"optimize": True})
-    plt.close(figure)
-    return path
+    return sorted(loaded, key=lambda item: (order.get(item.spec.claims[0], 999), item.spec.name))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The Markdown report
 
 
-RULES_TEXT = """\
+RULES_TEXT = f"""\
 Every number is a mean over seeds (each seed changes the initialization, the data order and, where the data is a
 subset, which images); "±" is the sample standard deviation over seeds. A finding compares a metric of two sides
-(a variant, or a metric reduced over a group of variants seed by seed, e.g. the range of accuracy across a sweep)
-with an explicit rule, where `margin = max(larger of the two sides' standard deviations, the finding's
-min_margin)`:
+(a variant, a metric reduced over a group of variants seed by seed, or a constant) with an explicit rule and a
+stated test at level {ALPHA:g}; the table gives the test, its p-value and the 90% confidence interval of the
+difference (Welch's; each end is a one-sided 95% bound):
 
-- **greater**: *reproduced* if mean(a) - mean(b) > margin; *opposite* if mean(b) - mean(a) > margin; otherwise
-  *not reproduced (within noise)*.
-- **less**: the same with a and b exchanged.
-- **close**: *reproduced* if |mean(a) - mean(b)| <= max(tolerance, margin), otherwise *not reproduced*.
+- **greater**: *reproduced* if Welch's one-sided t-test finds mean(a) > mean(b) (beyond `min_margin` where the
+  finding sets one): p <= {ALPHA:g}, the interval's lower end above 0; *opposite* if it finds mean(a) < mean(b);
+  otherwise *not reproduced (within noise)*. For a 0/1 metric (diverged, failed) the test is the exact
+  permutation test of the rates (Fisher's exact test), with no interval.
+- **less**: the same with the direction exchanged.
+- **close**: equivalence within the finding's fixed tolerance by two one-sided tests (TOST, never widened by the
+  seed spread): *reproduced* if the interval lies inside +-tolerance; *not reproduced* if the difference is
+  significantly outside it; otherwise *not reproduced (within noise)*.
+- *too few seeds* when a side has fewer than {MIN_SEEDS} seeds (quick mode); *no verdict (non-finite values)* when a
+  value is not finite.
 
 Steps to a target accuracy count the first validation at or above the target; a run that never reaches it
-counts as its last step plus one validation interval and is marked ">" (the true number is larger, so such a
-comparison understates the difference). The rules and every metric are defined in
-`bnzoo_lab/metrics.py`; the findings of each experiment in `configs/experiments/<name>/experiment.yaml`."""
-
-
-def _table(rows: list[list[str]], header: list[str]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+counts as its last step plus one validation interval and is marked ">" (a lower bound: such a comparison
+understates the difference). Each result is judged with the spec stored with it; a result made by other code
+or with another setup of its experiment than today's is marked **STALE**. The rules are defined in
+`bnzoo_lab/metrics.py`, the tests in `bnzoo_lab/stats.py`, the findings in
+`configs/experiments/<name>/experiment.yaml`."""
 
 
 def _variant_table(spec: ExperimentSpec, results: Results) -> list[str]:
@@ -363,11 +140,12 @@ def _variant_table(spec: ExperimentSpec, results: Results) -> list[str]:
         if metric not in metrics:
             metrics.append(metric)
     names = [metric_name(m) for m in metrics]
-    header = ["variant", "seeds"] + [metric_label(m) for m in metrics]
+    header = ["variant", "seeds", "diverged"] + [metric_label(m) for m in metrics]
     rows = []
     for variant in (v for v in spec.variants if v in results.variants()):
         runs = results.runs(variant)
-        row = [spec.variants[variant].label, str(len(runs))]
+        lost = sum(r.get("diverged_at") is not None for r in runs)
+        row = [spec.variants[variant].label, str(len(runs)), f"{lost}/{len(runs)}" if lost else "-"]
         for metric, (name, _) in zip(metrics, names, strict=True):
             pairs = [run_metric(metric, run, results) for run in runs]
             values = [v for v, _ in pairs]
@@ -376,22 +154,28 @@ def _variant_table(spec: ExperimentSpec, results: Results) -> list[str]:
                 continue
             row.append(format_stat(name, SideValues("", values, [c for _, c in pairs])))
         rows.append(row)
-    return _table(rows, header)
+    return table(rows, header)
 
 
-def _judgements(spec: ExperimentSpec, results: Results) -> list[tuple[Finding, Judgement, str]]:
+def judgements(spec: ExperimentSpec, results: Results) -> list[tuple[Finding, Judgement, str]]:
+    """Every finding of ``spec`` judged on ``results``: ``(finding, judgement, metric name)``."""
     labels = {name: v.label for name, v in spec.variants.items()}
     out = []
     for finding in spec.findings:
         name, _ = metric_name(finding.metric)
         a = side_values(finding.a, finding.metric, results, labels)
         b = side_values(finding.b, finding.metric, results, labels)
-        out.append((finding, judge(finding.rule, a, b, finding.min_margin, finding.tolerance), name))
+        judged = judge(finding.rule, a, b, finding.min_margin, finding.tolerance, binary=name in BINARY_METRICS)
+        out.append((finding, judged, name))
     return out
 
 
-def _ours(judgement: Any, name: str) -> str:
+def _ours(judgement: Judgement, name: str) -> str:
     return f"{describe_side(name, judgement.a)} vs {describe_side(name, judgement.b)}"
+
+
+def _verdict(judgement: Judgement, item: Loaded) -> str:
+    return f"**{judgement.verdict}**" + (" (STALE)" if item.stale else "")
 
 
 def _suite_line(results_dir: Path, pairs: list[tuple[Any, Any]]) -> str:
@@ -418,56 +202,108 @@ def _suite_line(results_dir: Path, pairs: list[tuple[Any, Any]]) -> str:
     )
 
 
-def write_report(results_dir: Path, out: Path, config_root: Path | None = None) -> Path:
-    """Write ``<out>/claims.md`` and one ``<out>/<experiment>.png`` per results file; returns the Markdown path."""
+def _counts(rows: list[str]) -> str:
+    counts = Counter(rows)
+    return ", ".join(f"{counts[v]} {v}" for v in VERDICTS if counts[v])
+
+
+def readme_summary(loaded: list[Loaded], report: str = "reports/claims.md") -> list[str]:
+    """The README's claims summary, from the report's numbers: the verdicts counted over all findings, and per
+    claim (one row per claim and experiment) with whether its results are current."""
+    rows, verdicts, stale = [], [], sum(bool(item.stale) for item in loaded)
+    for item in loaded:
+        judged = judgements(item.spec, item.results)
+        verdicts += [j.verdict for _, j, _ in judged]
+        for claim in dict.fromkeys(f.claim for f, _, _ in judged):
+            mine = [j.verdict for f, j, _ in judged if f.claim == claim]
+            status = "**STALE**" if item.stale else "current"
+            rows.append([claim, item.spec.title, f"{len(mine)}: {_counts(mine)}",
+                         f"[{item.spec.name}]({report}#{item.spec.name})", status])  # fmt: skip
+    runs = sum(len(item.results.data["runs"]) for item in loaded)
+    head = (f"Generated by `bnzoo experiment report --readme README.md` from the results of [{report}]({report}) "
+            f"(where each finding has its numbers, test, p-value and interval): {len(loaded)} experiments, {runs} "
+            f"training runs, {len(verdicts)} findings: {_counts(verdicts)}.")  # fmt: skip
+    if stale:
+        head += f" **The results of {stale} of the {len(loaded)} experiments are STALE** (see the report)."
+    return [head, "", *table(rows, ["claim", "experiment", "findings", "details", "results"])]
+
+
+def write_readme(readme: Path, summary: list[str]) -> None:
+    """Replace what lies between the ``<!-- claims:begin -->`` and ``<!-- claims:end -->`` lines of ``readme``."""
+    text = readme.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{readme}: needs one {BEGIN} line followed by one {END} line around the claims summary")
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    atomic_write_bytes(readme, (head + BEGIN + "\n" + "\n".join(summary) + "\n" + END + tail).encode())
+
+
+def write_report(results_dir: Path, out: Path, config_root: Path | None = None, *, strict: bool = False,
+                 readme: Path | None = None) -> Path:  # fmt: skip
+    """Write ``<out>/claims.md`` and one ``<out>/<experiment>.png`` per results file (and the README's summary
+    with ``readme``); returns the Markdown path. ``strict``: refuse stale results (a ValueError)."""
     out.mkdir(parents=True, exist_ok=True)
-    pairs = load_results(results_dir, config_root)
+    loaded = load_results(results_dir, config_root, strict)
     lines = [
         "# The claims lab: what normalization is claimed to do, reproduced at small scale",
         "",
-        f"Generated by `bnzoo experiment report` from `{results_dir}/*.json` ({len(pairs)} experiments, "
-        f"{sum(len(r.data['runs']) for _, r in pairs)} training runs). The claims, their sources and the source "
-        "numbers are those of the project's claims list; every run is a `bnzoo fit` config under "
-        "`configs/experiments/`, trained on real data (Fashion-MNIST) on a CPU. A claim that does not reproduce "
-        "at this scale is reported as such.",
+        f"Generated by `bnzoo experiment report` from `{results_dir}/*.json` ({len(loaded)} experiments, "
+        f"{sum(len(item.results.data['runs']) for item in loaded)} training runs). The claims, their sources and "
+        "the source numbers are those of the project's claims list; every run is a `bnzoo fit` config under "
+        "`configs/experiments/`, trained on real data on a CPU. A claim that does not reproduce at this scale is "
+        "reported as such.",
         "",
-        _suite_line(results_dir, pairs),
+        _suite_line(results_dir, [(item.spec, item.results) for item in loaded]),
         "",
     ]
-    if any(r.data.get("quick") for _, r in pairs):
+    if any(item.results.data.get("quick") for item in loaded):
         lines += ["**These are quick-mode results (a few steps per run): the numbers mean nothing.**", ""]
-    summary_rows, sections = [], []
-    for spec, results in pairs:
-        judged = _judgements(spec, results)
+    stale = [f"- `{item.spec.name}`: {'; '.join(item.stale)}" for item in loaded if item.stale]
+    if stale:
+        lines += ["**STALE results** -- made by other code or another setup than today's (their verdicts are "
+                  "marked; rerun them):", "", *stale, ""]  # fmt: skip
+    summary_rows, sections, verdicts = [], [], []
+    for item in loaded:
+        spec, results = item.spec, item.results
+        judged = judgements(spec, results)
         figure = render_figure(spec, results, out / f"{spec.name}.png")
         for finding, judgement, name in judged:
             link = f"[{spec.name}](#{spec.name})"  # GitHub's heading anchors keep underscores
             row = [finding.claim, finding.statement, finding.source or "-", _ours(judgement, name)]
-            summary_rows.append([*row, f"**{judgement.verdict}**", link])
+            summary_rows.append([*row, format_test(name, judgement), _verdict(judgement, item), link])
+            verdicts.append(judgement.verdict)
         section = [f"## {spec.name}", "", f"**{', '.join(spec.claims)}: {spec.title}.** Source: {spec.source}.", ""]
         section += [f"Setup: {spec.setup}", ""] if spec.setup else []
+        section += [f"**STALE**: {'; '.join(item.stale)}.", ""] if item.stale else []
+        section += [*(f"Note: {n}." for n in item.notes), ""] if item.notes else []
         if figure is not None:
             section += [f"![{spec.name}]({figure.name})", ""]
         section += _variant_table(spec, results) + [""]
         for finding, judgement, name in judged:
             section += [
-                f"- {finding.claim}, *{finding.statement}* (rule `{finding.rule}` on `{json.dumps(finding.metric)}`, "
-                f"margin {format_value(name, judgement.margin).lstrip('>+')}): {_ours(judgement, name)} -> "
-                f"**{judgement.verdict}**."
+                f"- {finding.claim}, *{finding.statement}* (rule `{finding.rule}` on `{json.dumps(finding.metric)}`"
+                f"{f', tolerance {finding.tolerance:g}' if finding.rule == 'close' else ''}): {_ours(judgement, name)}"
+                f"; {format_test(name, judgement)} -> {_verdict(judgement, item)}."
             ]
         section += ["", f"Note: {spec.notes}"] if spec.notes else []
         load = results.data.get("machine", {}).get("load_avg", [math.nan])[0]
+        prov = results.data.get("provenance") or {}
+        dirty = " + uncommitted changes" if prov.get("dirty") else ""
+        made = f"commit {prov['commit'][:10]}{dirty}, " if prov.get("commit") else ""
         section += [
             "",
             f"{len(results.data['runs'])} runs, {results.data['wall_s'] / 60:.1f} min (started "
-            f"{results.data.get('started', '?')}, 1-minute load average {load:.1f} at the start); results: "
+            f"{results.data.get('started', '?')}, 1-minute load average {load:.1f} at the start; {made}"
+            f"{'no provenance' if not prov else 'sources ' + prov['source_hash'][:12]}); results: "
             f"`{results_dir.name}/{spec.name}.json`.",
             "",
         ]
         sections += section
-    lines += ["## Summary", ""]
-    lines += _table(summary_rows, ["claim", "finding", "source number", "our number", "verdict", "experiment"])
+    lines += ["## Summary", "", f"{len(verdicts)} findings: {_counts(verdicts)}.", ""]
+    lines += table(summary_rows, ["claim", "finding", "source number", "our number", "test", "verdict", "experiment"])
     lines += ["", "## How verdicts are computed", "", RULES_TEXT, ""] + sections
     path = out / "claims.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    atomic_write_bytes(path, ("\n".join(lines).rstrip() + "\n").encode())
+    if readme is not None:
+        write_readme(readme, readme_summary(loaded, path.as_posix()))
     return path

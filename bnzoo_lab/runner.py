@@ -9,7 +9,9 @@ same after :func:`bnzoo.norms.recalibrate_norm_stats` -- Alg. 2, or with the spe
 {compare_population: true}`` also with the exact population moments of the same batches, as
 ``population_test_acc``; ``variance_shift``: running variance over the test-time
 variance of every norm layer's input) and collects the histories of the diagnostics callbacks in the config.
-The results of all runs go to ``<results_dir>/<experiment>.json``, from which ``bnzoo experiment report`` works.
+The results of all runs go to ``<results_dir>/<experiment>.json`` with their provenance (the code's commit, the
+sources' and the spec's hashes, the package versions: :mod:`bnzoo_lab.provenance`), from which
+``bnzoo experiment report`` works.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from bnzoo.io import atomic_write_bytes
 from bnzoo.norms.introspect import normalized_rows, stat_norm_layers
 from bnzoo.norms.recalibration import MomentSums, recalibrate_norm_stats
 
+from .provenance import collect as collect_provenance
 from .recorder import MetricsRecorder
 from .spec import ExperimentSpec, Variant, deep_merge, load_spec
 
@@ -247,7 +250,7 @@ def run_experiment(
     seeds = list(seeds if seeds is not None else (spec.quick_seeds if quick else spec.seeds))
     results_dir.mkdir(parents=True, exist_ok=True)
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
-    before = machine()
+    before, provenance = machine(), collect_provenance(spec)  # the code and spec as the runs start
     runs = []
     for variant in spec.variants.values():
         for seed in seeds:
@@ -264,6 +267,7 @@ def run_experiment(
         "started": started.isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - start,
         "machine": before,
+        "provenance": provenance,
         "load_avg_after": list(os.getloadavg()),
         "runs": runs,
     }

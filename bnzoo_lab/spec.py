@@ -10,7 +10,7 @@ panels. Example (abridged)::
     setup: MLP 3x100 sigmoid, batch 60, Fashion-MNIST, 3000 steps
     notes: how to read the result (optional; shown under the findings)
     config: base.yaml                  # relative to the experiment's folder
-    seeds: [0, 1, 2]
+    seeds: [0, 1, 2, 3, 4]              # at least 3; 5 where a run takes under a minute
     variants:
       none: {label: no norm, config: {model: {init_args: {norm: none}}}}
       bn: {label: BN, config: {model: {init_args: {norm: bn}}}}
@@ -58,6 +58,13 @@ MEASURES: tuple[str, ...] = ("test", "recalibrated", "variance_shift")
 
 #: verdict rules of a finding (see :mod:`bnzoo_lab.metrics`)
 RULES: tuple[str, ...] = ("greater", "less", "close")
+
+#: seeds a variant needs: at least ``MIN_SEEDS``, and ``MIN_SEEDS_FAST`` where one run is expected to take under
+#: ``FAST_RUN_MINUTES`` (``expected_minutes / (variants x seeds)``): cheap runs buy their noise estimate with seeds
+MIN_SEEDS, MIN_SEEDS_FAST, FAST_RUN_MINUTES = 3, 5, 1.0
+
+#: metrics that are 0 or 1 per run (compared by an exact test of the rates, never with ``close`` or a constant)
+BINARY_METRICS: tuple[str, ...] = ("diverged", "failed")
 
 _SPEC_KEYS = ("claim", "title", "source", "setup", "notes", "config", "seeds", "quick_seeds", "variants", "quick",
               "measure", "test_batches", "recalibration", "findings", "figure", "expected_minutes")  # fmt: skip
@@ -186,6 +193,37 @@ def _check_side(what: str, side: Any, variants: list[str]) -> str | float | dict
     return _check_name(what, side, variants)
 
 
+def _check_rule(what: str, item: dict[str, Any]) -> None:
+    """The rule's parameters: close needs a fixed positive tolerance; a 0/1 metric compares two variants."""
+    tolerance, margin = item.get("tolerance", 0.0), item.get("min_margin", 0.0)
+    for key, value in (("tolerance", tolerance), ("min_margin", margin)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{what}: {key} must be a number >= 0, got {value!r}")
+    if item["rule"] == "close" and not tolerance > 0:
+        raise ValueError(f"{what}: rule close needs a positive tolerance (the fixed equivalence margin), got "
+                         f"{tolerance!r}")  # fmt: skip
+    metric = item["metric"]
+    name = metric if isinstance(metric, str) else next(iter(metric), None) if isinstance(metric, dict) else None
+    if name in BINARY_METRICS:
+        if item["rule"] == "close":
+            raise ValueError(f"{what}: {name} is 0/1 per run; rule close is not defined for it (valid: greater, less)")
+        if any(isinstance(item[k], (int, float)) and not isinstance(item[k], bool) for k in ("a", "b")):
+            raise ValueError(f"{what}: {name} is 0/1 per run; compare two variants, not a variant and a constant")
+
+
+def _check_seeds(name: str, seeds: list[int], variants: int, expected_minutes: float) -> None:
+    """At least :data:`MIN_SEEDS` distinct seeds, :data:`MIN_SEEDS_FAST` where a run takes under a minute."""
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"experiment {name!r}: seeds {seeds} repeat a seed")
+    per_run = expected_minutes / (variants * max(1, len(seeds)))
+    needed = MIN_SEEDS_FAST if per_run < FAST_RUN_MINUTES else MIN_SEEDS
+    if len(seeds) < needed:
+        why = (f"a run is expected to take {per_run:.2g} min: expected_minutes {expected_minutes:g} / {variants} "
+               f"variants / {len(seeds)} seeds")  # fmt: skip
+        rule = f"{MIN_SEEDS}, {MIN_SEEDS_FAST} where a run takes under {FAST_RUN_MINUTES:g} min"
+        raise ValueError(f"experiment {name!r}: {len(seeds)} seed(s) {seeds}, needs at least {needed} ({rule}; {why})")
+
+
 def _parse_findings(name: str, raw: Any, variants: list[str]) -> list[Finding]:
     findings = []
     for index, item in enumerate(raw or []):
@@ -195,6 +233,7 @@ def _parse_findings(name: str, raw: Any, variants: list[str]) -> list[Finding]:
         if missing:
             raise ValueError(f"{what}: missing {', '.join(missing)}")
         _check_name(f"{what} rule", item["rule"], list(RULES))
+        _check_rule(what, item)
         findings.append(
             Finding(
                 claim=str(item["claim"]),
@@ -231,6 +270,8 @@ def load_spec(name_or_path: str | Path, root: Path | None = None) -> ExperimentS
         raise ValueError(f"experiment {name!r}: config file {folder / raw['config']} does not exist")
     variants = _parse_variants(name, raw["variants"])
     seeds = [int(s) for s in raw.get("seeds", [0])]
+    expected_minutes = float(raw.get("expected_minutes", 1.0))
+    _check_seeds(name, seeds, len(variants), expected_minutes)
     measure = [str(m) for m in raw.get("measure", ["test"])]
     for m in measure:
         _check_name(f"experiment {name!r} measure", m, list(MEASURES))
@@ -252,7 +293,7 @@ def load_spec(name_or_path: str | Path, root: Path | None = None) -> ExperimentS
         recalibration=dict(raw.get("recalibration", {}) or {}),
         findings=_parse_findings(name, raw.get("findings"), list(variants)),
         figure=list(raw.get("figure", []) or []),
-        expected_minutes=float(raw.get("expected_minutes", 1.0)),
+        expected_minutes=expected_minutes,
         notes=" ".join(str(raw.get("notes", "")).split()),
     )
 

@@ -84,7 +84,10 @@ def test_trainer_presets_compose_with_model_configs(preset: Path) -> None:
     )
     expected = yaml.safe_load(preset.read_text())["trainer"]
     for key, value in expected.items():
-        if key != "plugins":
+        if key == "callbacks+":  # appended to the model config's own (RecalibrateNormStats)
+            paths = [c["class_path"] for c in printed["trainer"]["callbacks"]]
+            assert paths == ["bnzoo.callbacks.RecalibrateNormStats"] + [c["class_path"] for c in value], paths
+        elif key != "plugins":
             assert printed["trainer"][key] == value, key
     if "plugins" in expected:
         assert printed["trainer"]["plugins"][0]["class_path"] == "bnzoo.plugins.NormSync"

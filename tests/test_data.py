@@ -450,6 +450,32 @@ def test_augmentation_changes_images_only_in_training(tmp_path):
     )
 
 
+def test_augmentation_overrides_crop_padding_and_hflip(tmp_path):
+    """crop_padding / hflip replace the dataset's augmentation: flips only, crops only, and bad values named."""
+    write_idx_dataset(tmp_path / "FashionMNIST" / "raw", n_train=120, n_test=3, seed=2)
+    common = {"data_dir": str(tmp_path), "augment": True, "normalization": "none", "val_size": 0, "download": False}
+    cases = {(0, True): (0, True), (3, False): (3, False), (None, None): (2, True)}  # None: Fashion-MNIST's 2, flips
+    for (padding, flips), (want_padding, want_flips) in cases.items():
+        dm = FashionMNISTDataModule(batch_size=120, crop_padding=padding, hflip=flips, **common)
+        dm.setup("fit")
+        samples = [dm.train_set[i] for i in range(120)]
+        augmented, _ = dm.train_dataloader().collate_fn(samples)
+        seen = set()
+        for (original, _), image in zip(samples, (augmented * 255).round().to(torch.uint8), strict=True):
+            matches = brute_force_crop_flip(original, image, padding=want_padding, flips=want_flips)
+            assert matches  # a crop of the zero-padded image (or of its mirror image where flips are on)
+            seen.update(matches)
+        assert {flip for _, _, flip in seen} == ({False, True} if want_flips else {False})
+        offsets = {(dy, dx) for dy, dx, _ in seen}  # each within [0, 2 * padding] by the brute force above
+        assert offsets == {(0, 0)} if want_padding == 0 else len(offsets) > (2 * want_padding + 1) ** 2 // 2
+        assert dm.hparams.crop_padding == padding and dm.hparams.hflip == flips
+    assert FashionMNISTDataModule.crop_padding == 2 and FashionMNISTDataModule.hflip  # class defaults untouched
+    with pytest.raises(ValueError, match="crop_padding must be an int >= 0 or None, got -1"):
+        FashionMNISTDataModule(crop_padding=-1)
+    with pytest.raises(ValueError, match="hflip must be true, false or null.*got 'yes'"):
+        FashionMNISTDataModule(hflip="yes")
+
+
 def test_normalization_statistics(tmp_path):
     digits = DigitsDataModule(batch_size=100, val_size=0)
     digits.setup("fit")
@@ -544,6 +570,54 @@ def test_permuted_pixels_use_one_fixed_permutation():
     assert not torch.equal(SequenceDataModule(dataset="digits", permute=True, task_seed=4).permutation, perm)
     (x, _, _), images = sequence_and_images(permute=True, task_seed=3)
     assert torch.equal(x[..., 0], images.flatten(1)[:, perm])
+
+
+def block_means(images: torch.Tensor, k: int) -> torch.Tensor:
+    """float64 reference of k x k average pooling (kernel = stride = k) of (N, C, H, W) images."""
+    n, c, h, w = images.shape
+    return images.double().reshape(n, c, h // k, k, w // k, k).mean(dim=(3, 5))
+
+
+def test_downsampled_sequences_are_block_means_of_the_image():
+    dm = SequenceDataModule(dataset="digits", mode="pixel", downsample=2)
+    assert (dm.input_size, dm.max_length, dm.downsample) == (1, 16, 2)
+    (x, lengths, _), images = sequence_and_images(mode="pixel", downsample=2)
+    pooled = block_means(images, 2)  # (360, 1, 4, 4)
+    assert x.shape == (360, 16, 1) and torch.equal(lengths, torch.full((360,), 16))
+    torch.testing.assert_close(x[..., 0].double(), pooled.flatten(1), rtol=0, atol=1e-6)
+    assert pooled.flatten(1).std() > 0.5  # not a constant image that any pooling would reproduce
+
+    dm = SequenceDataModule(dataset="digits", mode="row", downsample=4)
+    assert (dm.input_size, dm.max_length) == (2, 2)
+    (x, _, _), images = sequence_and_images(mode="row", downsample=4)
+    torch.testing.assert_close(x.double(), block_means(images, 4)[:, 0], rtol=0, atol=1e-6)  # step t: row t
+    # 28x28 Fashion-MNIST at 14x14: 196 one-pixel steps, or 14 rows of 14 (no data needed to know the sizes)
+    dm = SequenceDataModule(dataset="fashion_mnist", mode="pixel", downsample=2, download=False)
+    assert (dm.input_size, dm.max_length) == (1, 196)
+    assert SequenceDataModule(dataset="fashion_mnist", mode="row", downsample=2, download=False).input_size == 14
+
+
+def test_downsampled_permuted_pixels_share_one_permutation_across_splits():
+    dm = SequenceDataModule(dataset="digits", permute=True, downsample=2, task_seed=5, batch_size=360)
+    perm = dm.permutation
+    assert torch.equal(perm.sort().values, torch.arange(16)) and not torch.equal(perm, torch.arange(16))
+    again = SequenceDataModule(dataset="digits", permute=True, downsample=2, task_seed=5).permutation
+    assert torch.equal(again, perm)
+    (x, _, _), images = sequence_and_images(permute=True, downsample=2, task_seed=5)
+    torch.testing.assert_close(x[..., 0].double(), block_means(images, 2).flatten(1)[:, perm], rtol=0, atol=1e-6)
+    # the training split is made with the same permutation (one collate for both)
+    dm.setup("fit")
+    samples = [dm.train_set[i] for i in range(8)]
+    train_x, _, _ = dm.collate_fn(train=True)(samples)
+    raw = torch.stack([image for image, _, _ in samples])
+    reference = block_means(dm.image_data.normalizer()(raw), 2).flatten(1)[:, perm]
+    torch.testing.assert_close(train_x[..., 0].double(), reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [3, 0, 16, True, 2.0])
+def test_downsample_must_divide_the_image_size(bad):
+    with pytest.raises(ValueError, match=rf"downsample must divide the image size 8, got {bad!r}; valid: 1, 2, 4, 8"):
+        SequenceDataModule(dataset="digits", downsample=bad)
 
 
 def test_variable_length_sequences_are_padded_with_zeros():

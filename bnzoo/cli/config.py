@@ -1,8 +1,11 @@
-"""TODO docstring"""
+"""The CLI's checks of its input: the ``--config`` files (YAML mappings; a later file that replaces the callbacks
+of an earlier one is warned about), a config against a checkpoint, the trainer settings Lightning would accept
+silently."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +28,12 @@ def check_config_files(argv: Sequence[str]) -> None:
     """Raise a :class:`~bnzoo.cli.errors.UsageError` naming a ``--config`` file that is no YAML mapping (jsonargparse's
     own message says what is wrong, not in which file)."""
     argv = list(argv)
-    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    paths = [  # in the order given: a later file overrides an earlier one
+        argv[i + 1] if a == "--config" else a.split("=", 1)[1]
+        for i, a in enumerate(argv)
+        if (a == "--config" and i + 1 < len(argv)) or a.startswith("--config=")
+    ]
+    earlier: dict[str, tuple[str, list[str]]] = {}  # list key -> (file, class names) of the last file setting it
     for path in filter(os.path.isfile, paths):
         try:
             content = yaml.safe_load(Path(path).read_text())
@@ -40,6 +47,36 @@ def check_config_files(argv: Sequence[str]) -> None:
                 f"--config {path}: a config is a mapping of sections (trainer:, model:, data:, ...), "
                 f"not a {type(content).__name__}"
             )
+        _warn_replaced_lists(path, content or {}, earlier)
+
+
+#: the list options a later ``--config`` replaces unless it appends with ``<key>+:``
+APPENDABLE = ("callbacks", "plugins")
+
+
+def _warn_replaced_lists(path: str, content: Mapping[str, Any], earlier: dict[str, tuple[str, list[str]]]) -> None:
+    """Warn when ``path`` sets ``trainer.callbacks`` (or ``plugins``) that an earlier ``--config`` set: jsonargparse
+    replaces the list, so the earlier file's entries are dropped; ``callbacks+:`` appends."""
+    trainer = content.get("trainer") if isinstance(content.get("trainer"), Mapping) else {}
+    for key in APPENDABLE:
+        names = _class_names(trainer.get(key))
+        if key in trainer and key in earlier and earlier[key][1]:
+            before, dropped = earlier[key]
+            warnings.warn(
+                f"--config {path}: trainer.{key} replaces those of {before} ({', '.join(dropped)}); write "
+                f"`{key}+:` in {path} (or --trainer.{key}+=...) to add to them",
+                UserWarning,
+                stacklevel=2,
+            )
+        if key in trainer:
+            earlier[key] = (path, names)
+        elif f"{key}+" in trainer and key in earlier:
+            earlier[key] = (earlier[key][0], earlier[key][1] + _class_names(trainer[f"{key}+"]))
+
+
+def _class_names(entries: Any) -> list[str]:
+    entries = entries if isinstance(entries, list) else [] if entries is None else [entries]
+    return [str(e.get("class_path", "?")) if isinstance(e, Mapping) else str(e) for e in entries]
 
 
 def model_hparams(config: Any) -> dict[str, Any]:

@@ -1,9 +1,12 @@
 """LightningCLI for ``bnzoo fit | validate | test | predict``; the other subcommands (``recalibrate``, ``export``,
 ``pretrained``, ``experiment``) are in :mod:`bnzoo.cli.main`'s table.
 
-    bnzoo fit --config configs/fashion_mnist/resnet.yaml --model.init_args.norm renorm
+    bnzoo fit --config configs/fashion_mnist/resnet.yaml --config configs/trainer/renorm_schedule.yaml \\
+        --model.init_args.norm renorm --model.init_args.norm_options '{momentum: 0.1}'
     bnzoo fit --config configs/fashion_mnist/resnet.yaml --ckpt_path last        # resume that run
     bnzoo test --config configs/fashion_mnist/resnet.yaml --ckpt_path last       # test its last checkpoint
+    bnzoo predict --config configs/pretrained/fashion_mnist-resnet20-bn.yaml --ckpt_path fashion_mnist-resnet20-bn \\
+        --data.path my_images/                                                  # -> <run folder>/predictions.csv
     bnzoo fit --config ... --print_config
 
 Model and data classes are chosen by name (``--model ImageClassifier``, ``--data FashionMNISTDataModule``);
@@ -23,6 +26,12 @@ loaded with :func:`bnzoo.io.safe_torch_load`, their hyperparameters checked by
 :func:`bnzoo.zoo.trust.check_stored_hyperparameters` (before LightningCLI imports the class they name) and
 compared with the config; Lightning's own loads go through :class:`bnzoo.checkpoint_io.AtomicCheckpointIO`.
 
+**Predictions** (``predict``) are written by :class:`bnzoo.callbacks.PredictionWriter` into the run's folder (added
+unless the config has a prediction writer of its own); ``--data.path`` (image data modules) predicts the user's
+image files instead of the test split.
+
+**Hyperparameters** logged (TensorBoard's hparams, ``hparams.yaml``) are the run's, flat: :mod:`bnzoo.cli.hparams`.
+
 **Errors** (:mod:`bnzoo.cli.errors`): a bad option, value or file ends the command with exit status 2 and at most three
 lines on stderr naming it; ``BNZOO_DEBUG=1`` shows the traceback.
 """
@@ -38,11 +47,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..callbacks.checkpoints import BestCheckpoint, LastCheckpoint
+from ..callbacks.predictions import PredictionWriter
 from ..checkpoint_io import AtomicCheckpointIO
 from ..io import safe_torch_load, sweep_temporaries
 from ..tasks.classification import ClassificationTask
@@ -58,6 +68,7 @@ from .config import (
     model_hparams,
 )
 from .errors import UsageError, release_held_output
+from .hparams import check_optimizer_config, run_hparams
 from .main import LIGHTNING_SUBCOMMANDS
 from .runs import (
     AUTO_NAME,
@@ -199,6 +210,7 @@ class BnzooCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_task_hparams(model_hparams(config))
         check_trainer_config(config.get("trainer") or {})
+        check_optimizer_config(config)
         self.run_name = run_name(config)
         run_root(config, self.run_name)  # names the logger's run
         if self.subcommand in LIGHTNING_SUBCOMMANDS:
@@ -232,12 +244,21 @@ class BnzooCLI(LightningCLI):
             sweep_temporaries(folder / CHECKPOINTS)
         return folder
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if isinstance(self.model, ClassificationTask):  # what the loggers get: the run, flat (bnzoo.cli.hparams)
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            self.model.run_hparams = run_hparams(config, self.model.hparams)
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         _use_safe_checkpoint_io(trainer)
         place_checkpoints(trainer, self.run_dir, self.run_name)  # set by before_instantiate_classes
         if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
             trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))  # where there is a logger
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+            folder = self.run_dir or self.run_root  # without a logger: the run name's folder
+            trainer.callbacks.append(PredictionWriter(str(folder) if folder is not None else None))
         trainer.callbacks.append(_ReleaseHeldOutput())
         return trainer
 

@@ -2,7 +2,7 @@
 handler (:func:`bnzoo.cli.errors.run_command`: a bad input is at most three lines on stderr naming it, exit status
 2; ``BNZOO_DEBUG=1`` shows the traceback).
 
-    bnzoo fit --config configs/fashion_mnist/resnet.yaml --model.init_args.norm renorm
+    bnzoo fit --config configs/main.yaml          # Batch Renorm ResNet-20 on Fashion-MNIST
     bnzoo recalibrate RUN_OR_CHECKPOINT --config ...
     bnzoo pretrained list | info NAME | verify
     bnzoo experiment list | run NAME | report

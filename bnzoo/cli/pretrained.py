@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""`bnzoo pretrained` (list, info, verify, table) and `bnzoo export` (safetensors, optionally fused): the zoo from
+the command line."""
 
 from __future__ import annotations
 
@@ -14,15 +15,21 @@ from .errors import TerseArgumentParser
 
 # -- command line -----------------------------------------------------------------------------------------------
 def export_main(argv: Sequence[str]) -> int:
-    """``bnzoo export SOURCE [-o OUT.safetensors] [--sha256 HEX]``."""
+    """``bnzoo export SOURCE [-o OUT.safetensors] [--sha256 HEX] [--fuse]``."""
     parser = TerseArgumentParser(
         prog="bnzoo export", description="Export a checkpoint's network weights to safetensors (with bnzoo metadata)."
     )
     parser.add_argument("source", help="a pretrained name (bnzoo pretrained list), a .ckpt path, or a URL")
     parser.add_argument("-o", "--output", help="the .safetensors file (default: <name>.safetensors here)")
     parser.add_argument("--sha256", help="the expected sha256 of a path or URL")
+    parser.add_argument(
+        "--fuse",
+        action="store_true",
+        help="fold every norm into the convolution or linear layer before it: the file holds the norm='none' "
+        "network, for inference (refused when a norm cannot be folded)",
+    )
     args = parser.parse_args(list(argv))
-    print(export_safetensors(args.source, args.output, sha256=args.sha256))
+    print(export_safetensors(args.source, args.output, sha256=args.sha256, fuse=args.fuse))
     return 0
 
 

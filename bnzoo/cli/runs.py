@@ -179,7 +179,8 @@ def best_of(last: Path) -> str:
 
 def run_name(config: Any) -> str:
     """``<dataset>-<model>-<norm>`` from a parsed config, e.g. ``fashion_mnist-resnet20-renorm``; sequence tasks
-    add their mode, e.g. ``fashion_mnist_row-ds2_gru-bn``."""
+    add their mode, e.g. ``fashion_mnist_row-ds2_gru-bn``; a timm model's ``/`` becomes ``-`` (one folder:
+    ``digits-timm-resnet18-renorm``)."""
     data = config.get("data") or {}
     data_class = str(data.get("class_path", "")).rsplit(".", 1)[-1]
     names = {cls.__name__: name for name, cls in IMAGE_DATAMODULES.items()}
@@ -191,7 +192,8 @@ def run_name(config: Any) -> str:
     else:
         dataset = data_class.removesuffix("DataModule").lower() or "data"
     model = (config.get("model") or {}).get("init_args") or {}
-    return f"{dataset}-{model.get('model', 'model')}-{model.get('norm', 'norm')}"
+    network = str(model.get("model", "model")).replace("/", "-")
+    return f"{dataset}-{network}-{model.get('norm', 'norm')}"
 
 
 def run_logger_args(config: Any) -> Any:

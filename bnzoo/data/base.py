@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..checkpoint_io import SafeLoadFromCheckpoint
+from .files import ImageFilesDataset, image_files
 from .transforms import ImageCollate, Normalize
 
 __all__ = [
@@ -244,9 +245,13 @@ class ImageDataModule(InMemoryDataModule):
         seed: fixes the train/val split and ``train_subset``.
         train_subset: keep only this many training samples (a seeded random subset), for quick runs.
         augment: training-time augmentation, where the dataset defines one (``crop_padding``, ``hflip``).
+        crop_padding, hflip: override the dataset's augmentation when ``augment`` (None: the dataset's own):
+            ``crop_padding=0`` with ``hflip=True`` keeps only the flips -- the lighter augmentation of a short run.
         normalization: ``"dataset"`` (the class's ``mean``/``std``), ``"train"`` (computed from the training
             split) or ``"none"`` (pixels scaled to [0, 1]).
         download: fetch missing files in :meth:`prepare_data` (with torchvision's download code).
+        path: image files to predict (a file, a folder or a list; :mod:`bnzoo.data.files`) instead of the test split,
+            normalized as in training (the statistics are in the checkpoint: :meth:`state_dict`).
     """
 
     num_classes: ClassVar[int]
@@ -255,10 +260,8 @@ class ImageDataModule(InMemoryDataModule):
     mean: ClassVar[tuple[float, ...]]
     std: ClassVar[tuple[float, ...]]
     pixel_max: ClassVar[float] = 255.0
-    crop_padding: ClassVar[int] = 0
-    """Random-crop padding of the training augmentation (0: no crop)."""
-    hflip: ClassVar[bool] = False
-    """Random horizontal flips in the training augmentation."""
+    crop_padding: ClassVar[int] = 0  # random-crop padding of the training augmentation (0: no crop)
+    hflip: ClassVar[bool] = False  # random horizontal flips in the training augmentation
 
     def __init__(
         self,
@@ -271,10 +274,20 @@ class ImageDataModule(InMemoryDataModule):
         augment: bool = False,
         normalization: str = "dataset",
         download: bool = True,
+        crop_padding: int | None = None,
+        hflip: bool | None = None,
+        path: str | list[str] | None = None,
     ) -> None:
         super().__init__(data_dir, batch_size, num_workers, val_size, seed, train_subset, normalization, download)
-        self.save_hyperparameters()
+        _check_count("crop_padding", crop_padding, minimum=0, allow_none=True)
+        if hflip is not None and not isinstance(hflip, bool):
+            raise ValueError(f"hflip must be true, false or null (the dataset's own), got {hflip!r}")
+        self.path = path
+        self.predict_set: ImageFilesDataset | None = None
+        self.save_hyperparameters(logger=False)  # logged by the task's logged_hparams()
         self.augment = augment
+        self.crop_padding = self.crop_padding if crop_padding is None else crop_padding  # over the class's default
+        self.hflip = self.hflip if hflip is None else hflip
         self._train_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
@@ -285,19 +298,25 @@ class ImageDataModule(InMemoryDataModule):
         """Download what is missing (on rank 0 only under Lightning). Bundled datasets need nothing."""
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the splits a stage needs: ``fit``/``validate``: train and val; ``test``/``predict``: test."""
-        if self.train_set is None and (stage in (None, "fit", "validate") or self.normalization == "train"):
-            source = ImageDataset(*self._checked_split(train=True))
-            train_idx, val_idx = split_indices(len(source), self.val_size, self.seed)
-            if self.train_subset is not None:
-                if self.train_subset > len(train_idx):
-                    raise ValueError(
-                        f"train_subset={self.train_subset} but the training split has only {len(train_idx)} samples"
-                    )
-                train_idx = train_idx[: self.train_subset]
-            self.train_set, self.val_set = source.subset(train_idx), source.subset(val_idx)
+        """Load the splits a stage needs: ``fit``/``validate``: train and val; ``test``/``predict``: test, or for
+        ``predict`` with ``path``, those files."""
+        if stage == "predict" and self.path is not None:
+            if self.predict_set is None:
+                self.predict_set = ImageFilesDataset(image_files(self.path), self.in_chans, self.image_size)
+            return
+        if self.train_set is None and stage in (None, "fit", "validate"):
+            self._setup_train()
         if self.test_set is None and stage in (None, "test", "predict"):
             self.test_set = ImageDataset(*self._checked_split(train=False))
+
+    def _setup_train(self) -> None:
+        source = ImageDataset(*self._checked_split(train=True))
+        train_idx, val_idx = split_indices(len(source), self.val_size, self.seed)
+        if self.train_subset is not None:
+            if self.train_subset > len(train_idx):
+                raise ValueError(f"train_subset={self.train_subset} but the split has {len(train_idx)} samples")
+            train_idx = train_idx[: self.train_subset]
+        self.train_set, self.val_set = source.subset(train_idx), source.subset(val_idx)
 
     def _checked_split(self, train: bool) -> tuple[Tensor, Tensor]:
         images, labels = self.load_split(train)
@@ -322,12 +341,34 @@ class ImageDataModule(InMemoryDataModule):
         elif self.normalization == "dataset":
             mean, std = self.mean, self.std
         else:
-            if self.train_set is None:
-                raise RuntimeError(f"{type(self).__name__}: normalization='train' needs setup() first")
-            if self._train_stats is None:
+            if self._train_stats is None:  # neither computed nor restored from a checkpoint (load_state_dict)
+                if self.train_set is None:
+                    self._setup_train()
                 self._train_stats = channel_stats(self.train_set.images, self.pixel_max)
             mean, std = self._train_stats
         return Normalize(mean, std, self.pixel_max)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The normalization's per-channel ``mean`` and ``std`` (saved in every checkpoint by Lightning), so that a
+        run restored from it -- ``bnzoo predict --data.path`` on the user's files -- normalizes as training did
+        without reading the training split."""
+        if self.normalization == "train" and self._train_stats is None and self.train_set is None:
+            return {}
+        normalize = self.normalizer()
+        return {"normalization": self.normalization, "mean": list(normalize.mean), "std": list(normalize.std)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("normalization") == "train" == self.normalization:
+            self._train_stats = (tuple(state_dict["mean"]), tuple(state_dict["std"]))
+
+    def predict_dataloader(self) -> DataLoader:
+        """The files of ``path``, in order (8-bit files: values in units of 255, whatever the dataset's
+        ``pixel_max``), or else the test split."""
+        if self.path is None or self.predict_set is None:
+            return super().predict_dataloader() if self.path is None else self._loader(None, "predict")
+        collate = ImageCollate(Normalize(self.normalizer().mean, self.normalizer().std, 255.0))
+        workers = self.num_workers
+        return DataLoader(self.predict_set, batch_size=self.batch_size, num_workers=workers, collate_fn=collate)
 
     def collate_fn(self, train: bool) -> ImageCollate:
         augment = train and self.augment

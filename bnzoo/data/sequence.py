@@ -3,8 +3,11 @@
 * ``mode="pixel"``: one pixel per step, T = H * W steps of C features -- sequential MNIST (Le et al. 2015;
   Cooijmans et al. 2016, "Recurrent Batch Normalization", Sec. 5.1).
 * ``mode="row"``: one image row per step, T = H steps of W * C features (channels interleaved per pixel).
-* ``permute=True``: a fixed random permutation of the H * W pixel positions, applied before the pixels are
-  grouped into steps -- permuted sequential MNIST (the same permutation for every image and split, fixed by
+* ``downsample=k``: each image first average-pooled over k x k blocks (kernel = stride = k), so H and W become
+  H / k and W / k -- e.g. 28x28 to 14x14, a pixel sequence of 196 steps instead of 784, long sequences that fit
+  a CPU. Pooling commutes with the per-channel normalization (an affine map), so the order does not matter.
+* ``permute=True``: a fixed random permutation of the (downsampled) pixel positions, applied before the pixels
+  are grouped into steps -- permuted sequential MNIST (the same permutation for every image and split, fixed by
   ``task_seed``).
 * ``variable_length=True``: each sample keeps only its first L steps, L uniform in
   ``[min_length, max_length]`` and fixed per sample (by ``task_seed`` and the sample's position in its source
@@ -22,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
@@ -30,9 +34,20 @@ from .samplers import SortaGradSampler
 from .transforms import Normalize
 from .wrapped import WrappedImageDataModule
 
-__all__ = ["SEQUENCE_MODES", "SequenceCollate", "SequenceDataModule", "SequenceDataset"]
+__all__ = ["SEQUENCE_MODES", "SequenceCollate", "SequenceDataModule", "SequenceDataset", "check_downsample"]
 
 SEQUENCE_MODES = ("pixel", "row")
+
+
+def check_downsample(downsample: int, image_size: int) -> int:
+    """``downsample`` if it is a positive divisor of ``image_size``, else a ValueError naming the valid ones."""
+    valid = [k for k in range(1, image_size + 1) if image_size % k == 0]
+    if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample not in valid:
+        raise ValueError(
+            f"downsample must divide the image size {image_size}, got {downsample!r}; valid: "
+            + ", ".join(map(str, valid))
+        )
+    return downsample
 
 
 class SequenceDataset(Dataset):
@@ -55,19 +70,24 @@ class SequenceDataset(Dataset):
 class SequenceCollate:
     """``collate_fn`` turning ``(uint8 image, length, label)`` samples into a padded sequence batch.
 
-    The batch is normalized as an image batch, its pixels are flattened in raster order (optionally permuted)
-    and grouped ``pixels_per_step`` to a step, then cut to the longest length in the batch and zeroed beyond
-    each sample's length.
+    The batch is normalized as an image batch, average-pooled over ``downsample`` x ``downsample`` blocks (if
+    above 1), its pixels are flattened in raster order (optionally permuted) and grouped ``pixels_per_step`` to
+    a step, then cut to the longest length in the batch and zeroed beyond each sample's length.
     """
 
-    def __init__(self, normalize: Normalize, pixels_per_step: int, permutation: Tensor | None = None) -> None:
+    def __init__(
+        self, normalize: Normalize, pixels_per_step: int, permutation: Tensor | None = None, downsample: int = 1
+    ) -> None:
         self.normalize = normalize
         self.pixels_per_step = pixels_per_step
         self.permutation = permutation
+        self.downsample = downsample
 
     def __call__(self, samples: Sequence[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
         images, lengths, labels = (torch.stack(field) for field in zip(*samples, strict=True))
         x = self.normalize(images)  # (B, C, H, W)
+        if self.downsample > 1:
+            x = F.avg_pool2d(x, self.downsample)  # (B, C, H / k, W / k)
         batch, channels = x.shape[:2]
         x = x.flatten(2).transpose(1, 2)  # (B, H * W, C): pixels in raster order
         if self.permutation is not None:
@@ -87,7 +107,9 @@ class SequenceDataModule(WrappedImageDataModule):
     Args:
         dataset: the image dataset, one of :func:`bnzoo.data.list_datasets`.
         mode: ``"pixel"`` (one pixel per step) or ``"row"`` (one row per step).
-        permute: apply a fixed random permutation to the pixel positions.
+        downsample: average-pool the images over ``downsample`` x ``downsample`` blocks first (a divisor of the
+            image size; 1: no pooling).
+        permute: apply a fixed random permutation to the (downsampled) pixel positions.
         variable_length: cut each sample to a fixed random number of steps in ``[min_length, max_length]``.
         min_length: the shortest length (default: half of ``max_length``); used when ``variable_length``.
         sortagrad: iterate the first training epoch in increasing order of length (Deep Speech 2).
@@ -100,6 +122,7 @@ class SequenceDataModule(WrappedImageDataModule):
         self,
         dataset: str = "fashion_mnist",
         mode: str = "pixel",
+        downsample: int = 1,
         permute: bool = False,
         variable_length: bool = False,
         min_length: int | None = None,
@@ -119,9 +142,11 @@ class SequenceDataModule(WrappedImageDataModule):
         super().__init__(
             dataset, data_dir, batch_size, num_workers, val_size, seed, train_subset, normalization, download
         )
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged by the task's logged_hparams()
         size, channels = self.image_size, self.in_chans
         del self.in_chans, self.image_size  # a sequence model is linked by input_size and max_length instead
+        self.downsample = check_downsample(downsample, size)
+        size //= downsample
         self.pixels_per_step = 1 if mode == "pixel" else size
         self.input_size: int = self.pixels_per_step * channels
         self.max_length: int = size * size // self.pixels_per_step
@@ -152,7 +177,7 @@ class SequenceDataModule(WrappedImageDataModule):
         return torch.from_numpy(per_source)[images.indices]
 
     def collate_fn(self, train: bool) -> SequenceCollate:
-        return SequenceCollate(self.image_data.normalizer(), self.pixels_per_step, self.permutation)
+        return SequenceCollate(self.image_data.normalizer(), self.pixels_per_step, self.permutation, self.downsample)
 
     def train_sampler(self) -> Sampler | None:
         if not self.sortagrad:

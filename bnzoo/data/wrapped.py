@@ -53,3 +53,10 @@ class WrappedImageDataModule(InMemoryDataModule):
 
     def collate_fn(self, train: bool) -> Any:
         return self.image_data.collate_fn(train)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The image dataset's normalization statistics (:meth:`bnzoo.data.ImageDataModule.state_dict`)."""
+        return self.image_data.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.image_data.load_state_dict(state_dict)

@@ -5,7 +5,9 @@ convolution is ``conv -> norm -> nonlinearity`` (the conv without a bias when th
 Inception module concatenates four branches -- 1x1; 1x1 reduce then 3x3; 1x1 reduce then two 3x3 (replacing
 the 5x5 of GoogLeNet); 3x3 average pooling then a 1x1 projection -- and each reduction module halves the map
 with a stride-2 3x3 branch, a stride-2 double-3x3 branch and a stride-2 max pooling passed through. It is
-sized for 28x28 and 32x32 images on a CPU (about 0.4M parameters at ``width=1``).
+sized for 28x28 and 32x32 images on a CPU (about 0.4M parameters at ``width=1``). ``aux_head`` adds an auxiliary
+classifier on the last module before the second reduction (as Inception-v3's sits on the 17x17 grid before its
+last reduction), plain or batch-normalized (:class:`AuxiliaryHead`; Szegedy et al. 2016, Table 3).
 
 ``timm_inception_v3`` is timm's Inception-v3 (Szegedy et al. 2016) with bnzoo's norm in every ``ConvNormAct``,
 those of the auxiliary classifier included, and optionally the BN-auxiliary of Szegedy et al. 2016, Table 3.
@@ -27,7 +29,9 @@ from .layers import ACTIVATIONS, ConvNormAct, check_image_options, init_kaiming_
 from .registry import register_model
 
 __all__ = [
+    "AUX_HEADS",
     "BN_INCEPTION_SMALL",
+    "AuxiliaryHead",
     "BNInceptionSmall",
     "InceptionModule",
     "InceptionV3",
@@ -116,6 +120,46 @@ BN_INCEPTION_SMALL: dict[str, Any] = {
 
 _MODULES: dict[str, type[nn.Module]] = {"inception": InceptionModule, "reduction": ReductionModule}
 
+#: ``aux_head`` choices of ``bn_inception_small``: no auxiliary classifier, a plain one, a batch-normalized one
+AUX_HEADS: tuple[str, ...] = ("none", "plain", "bn")
+
+#: the auxiliary head at width 1: channels of its 1x1 convolution, units of its hidden fully connected layer
+#: (GoogLeNet's are 128 and 1024 on 512-channel 14x14 maps, Szegedy et al. 2015, Sec. 5; scaled to this network)
+AUX_HEAD_SIZES: dict[str, int] = {"conv": 32, "fc": 256}
+
+
+class AuxiliaryHead(nn.Module):
+    """An auxiliary classifier (Szegedy et al. 2015, Sec. 5; Szegedy et al. 2016, Sec. 4 and Table 3).
+
+    GoogLeNet's layout: average pooling to 4x4 (GoogLeNet's 5x5/3 pooling of its 14x14 maps gives 4x4), a 1x1
+    ``conv -> norm -> ReLU`` unit (``conv``: the network's own, so normalized whenever the network is, as in
+    Inception-v3), a hidden fully connected layer with ReLU, and a linear classifier. ``batch_norm=True`` is
+    the *BN-auxiliary* of Szegedy et al. 2016, Table 3: "the fully connected layer of the auxiliary classifier
+    is also batch-normalized, not just the convolutions" -- ``Linear -> norm -> ReLU`` with ``fc_norm`` (the
+    Linear without a bias when the norm has one).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        conv: ConvFactory,
+        conv_channels: int,
+        hidden: int,
+        fc_norm: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.conv = conv(in_channels, conv_channels, 1)
+        fc = nn.Linear(conv_channels * 16, hidden, bias=fc_norm is None or not norm_has_bias(fc_norm))
+        init_kaiming_(fc, "relu")
+        self.fc = nn.Sequential(fc, *([fc_norm] if fc_norm is not None else []), nn.ReLU())
+        self.classifier = nn.Linear(hidden, num_classes)
+        init_kaiming_(self.classifier, "linear")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.fc(self.conv(self.pool(x)).flatten(1)))
+
 
 class BNInceptionSmall(nn.Module):
     """A compact BN-Inception: a 3x3 conv stem, the modules of :data:`BN_INCEPTION_SMALL`, global average
@@ -123,6 +167,11 @@ class BNInceptionSmall(nn.Module):
 
     Every channel count is multiplied by ``width`` (rounded, at least 1). Convolutions are initialized as He
     et al. 2015b, Eq. 10 (Kaiming normal, fan-in, gain of ``activation``), the classifier with gain 1.
+
+    With ``aux_head`` ``"plain"`` or ``"bn"`` an :class:`AuxiliaryHead` reads the output of the last module before
+    the second reduction; ``forward`` then returns ``(logits, aux_logits)`` in training mode and the logits alone
+    in eval mode (the head is not run), as torchvision's Inception-v3 does. The task adds the auxiliary loss
+    (:meth:`bnzoo.tasks.ClassificationTask.loss`, ``aux_loss_weight``).
     """
 
     def __init__(
@@ -134,13 +183,21 @@ class BNInceptionSmall(nn.Module):
         in_chans: int = 3,
         width: float = 1.0,
         activation: str = "relu",
+        aux_head: str = "none",
     ) -> None:
         super().__init__()
         check_image_options(num_classes, in_chans, 1)
         check_choice("activation", activation, ACTIVATIONS)
+        check_choice("aux_head", aux_head, AUX_HEADS)
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
             raise ValueError(f"width must be a positive float (a channel multiplier), got {width!r}")
-        conv = functools.partial(ConvNormAct, norm_layer=norm_factory(norm, norm_options), activation=activation)
+        norm_layer = norm_factory(norm, norm_options)
+        if aux_head == "bn" and norm_layer.is_identity:
+            raise ValueError(
+                "aux_head='bn' batch-normalizes the auxiliary classifier with the network's norm, got norm='none'; "
+                "use aux_head='plain' or a norm kind"
+            )
+        conv = functools.partial(ConvNormAct, norm_layer=norm_layer, activation=activation)
 
         def scaled(channels: Sequence[int]) -> list[int]:
             return [max(1, round(c * width)) for c in channels]
@@ -156,9 +213,23 @@ class BNInceptionSmall(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         init_kaiming_(self.fc, "linear")
+        layout = BN_INCEPTION_SMALL["modules"]
+        self.aux_after = max(i for i, (kind, _) in enumerate(layout) if kind == "reduction") - 1  # before the last
+        self.aux_head: AuxiliaryHead | None = None
+        if aux_head != "none":
+            hidden = scaled([AUX_HEAD_SIZES["fc"]])[0]
+            self.aux_head = AuxiliaryHead(
+                modules[self.aux_after].out_channels, num_classes, conv, scaled([AUX_HEAD_SIZES["conv"]])[0], hidden,
+                norm_layer(hidden, "1d") if aux_head == "bn" else None,
+            )  # fmt: skip
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.pool(self.features(self.stem(x))).flatten(1))
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        x = self.stem(x)
+        if self.aux_head is None or not self.training:
+            return self.fc(self.pool(self.features(x)).flatten(1))
+        x = self.features[: self.aux_after + 1](x)
+        aux = self.aux_head(x)
+        return self.fc(self.pool(self.features[self.aux_after + 1 :](x)).flatten(1)), aux
 
 
 @register_model
@@ -171,6 +242,7 @@ def bn_inception_small(
     image_size: int = 32,
     width: float = 1.0,
     activation: str = "relu",
+    aux_head: str = "none",
 ) -> nn.Module:
     """A compact BN-Inception for 28x28 / 32x32 images (Ioffe & Szegedy 2015, Sec. 4.2); see the module docs.
 
@@ -180,6 +252,9 @@ def bn_inception_small(
         image_size: accepted for a uniform interface; any size >= 1 works (global average pooling).
         width: channel multiplier (0.4M parameters at 1.0, about width^2 times that otherwise).
         activation: "relu" (the paper's), "sigmoid" (BN-x5-Sigmoid, claim C4) or "tanh".
+        aux_head: "none", "plain" (an auxiliary classifier whose convolution is normalized as the network's) or
+            "bn" (BN-auxiliary: its fully connected layer normalized too; Szegedy et al. 2016, Table 3); with an
+            auxiliary head the model returns ``(logits, aux_logits)`` in training mode, the logits in eval mode.
     """
     check_image_options(num_classes, in_chans, image_size)
     return BNInceptionSmall(
@@ -189,6 +264,7 @@ def bn_inception_small(
         in_chans=in_chans,
         width=width,
         activation=activation,
+        aux_head=aux_head,
     )
 
 

@@ -1,6 +1,7 @@
 """Converting a model's norm layers in place: freezing them (:func:`freeze_norms`, as detectron2's
 ``FrozenBatchNorm2d.convert_frozen_batchnorm``) and switching them to cross-process statistics and back
-(:func:`convert_sync_norms` / :func:`revert_sync_norms`, what :class:`bnzoo.plugins.NormSync` applies)."""
+(:func:`convert_sync_norms` / :func:`revert_sync_norms`, what :class:`bnzoo.plugins.NormSync` applies), each
+through the one :func:`~bnzoo.norms.conversion.replace_modules`. Converting to any kind: :mod:`.conversion`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .conversion import replace_modules
 from .frozen import FrozenBatchNorm
 from .norm_act import activation_of, with_activation
 from .sequence import SequenceFrozenBatchNorm, SequenceNorm
@@ -26,16 +28,14 @@ def freeze_norms(module: nn.Module) -> nn.Module:
     stays one: the frozen copy keeps its ``drop`` and ``act``. Returns the converted module (a new object when
     ``module`` itself is such a layer).
     """
-    if isinstance(module, _BatchNorm):
-        frozen_class = SequenceFrozenBatchNorm if isinstance(module, SequenceNorm) else FrozenBatchNorm
-        frozen = frozen_class.from_batchnorm(module)
-        extras = activation_of(module)
-        return frozen if extras is None else with_activation(frozen, act=extras[1], drop=extras[0])
-    for name, child in module.named_children():
-        converted = freeze_norms(child)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
+    return replace_modules(module, lambda _name, layer: isinstance(layer, _BatchNorm), _frozen_copy)
+
+
+def _frozen_copy(_name: str, layer: _BatchNorm) -> nn.Module:
+    frozen_class = SequenceFrozenBatchNorm if isinstance(layer, SequenceNorm) else FrozenBatchNorm
+    frozen = frozen_class.from_batchnorm(layer)
+    extras = activation_of(layer)
+    return frozen if extras is None else with_activation(frozen, act=extras[1], drop=extras[0])
 
 
 # torch's plain BatchNorm classes and their synchronizable bnzoo twins (same kernel, same state dict)
@@ -63,6 +63,13 @@ def _rebuild(module: _BatchNorm, cls: type[nn.Module], **extra: Any) -> nn.Modul
     return new
 
 
+def _set_synchronized(module: nn.Module, synchronized: bool, process_group: Any) -> nn.Module:
+    for layer in module.modules():
+        if isinstance(layer, SyncableNorm):
+            layer.synchronized, layer.process_group = synchronized, process_group
+    return module
+
+
 def convert_sync_norms(module: nn.Module, process_group: Any = None, torch_sync_batchnorm: bool = False) -> nn.Module:
     """Synchronize every norm layer of ``module`` across the processes of ``process_group`` (None: all).
 
@@ -70,26 +77,28 @@ def convert_sync_norms(module: nn.Module, process_group: Any = None, torch_sync_
     BatchNorm layers become bnzoo's synchronizable BatchNorm -- or torch's ``nn.SyncBatchNorm`` (CUDA only)
     when ``torch_sync_batchnorm``. Returns the module (a new object if ``module`` itself was replaced).
     """
-    if type(module) in _PLAIN_BATCHNORMS and (torch_sync_batchnorm or not isinstance(module, SyncableNorm)):
-        target = nn.SyncBatchNorm if torch_sync_batchnorm else _PLAIN_BATCHNORMS[type(module)]
+
+    def replaced(_name: str, layer: nn.Module) -> bool:
+        return type(layer) in _PLAIN_BATCHNORMS and (torch_sync_batchnorm or not isinstance(layer, SyncableNorm))
+
+    def build(_name: str, layer: nn.Module) -> nn.Module:
+        target = nn.SyncBatchNorm if torch_sync_batchnorm else _PLAIN_BATCHNORMS[type(layer)]
         extra = {"process_group": process_group} if torch_sync_batchnorm else {}
-        converted = _rebuild(module, target, **extra)  # type: ignore[arg-type]
-        setattr(converted, _ORIGINAL_CLASS, type(module))
-        module = converted
-    if isinstance(module, SyncableNorm):
-        module.synchronized, module.process_group = True, process_group
-    for name, child in module.named_children():
-        module.add_module(name, convert_sync_norms(child, process_group, torch_sync_batchnorm))
-    return module
+        converted = _rebuild(layer, target, **extra)  # type: ignore[arg-type]
+        setattr(converted, _ORIGINAL_CLASS, type(layer))
+        return converted
+
+    return _set_synchronized(replace_modules(module, replaced, build), True, process_group)
 
 
 def revert_sync_norms(module: nn.Module) -> nn.Module:
     """Undo :func:`convert_sync_norms`: every layer back to its original class, synchronization off."""
-    original = getattr(module, _ORIGINAL_CLASS, None)
-    if original is not None and type(module) is not original:
-        module = _rebuild(module, original)  # type: ignore[arg-type]
-    if isinstance(module, SyncableNorm):
-        module.synchronized, module.process_group = False, None
-    for name, child in module.named_children():
-        module.add_module(name, revert_sync_norms(child))
-    return module
+
+    def replaced(_name: str, layer: nn.Module) -> bool:
+        original = getattr(layer, _ORIGINAL_CLASS, None)
+        return original is not None and type(layer) is not original
+
+    def build(_name: str, layer: nn.Module) -> nn.Module:
+        return _rebuild(layer, getattr(layer, _ORIGINAL_CLASS))  # type: ignore[arg-type]
+
+    return _set_synchronized(replace_modules(module, replaced, build), False, None)

@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .frozen import FrozenBatchNorm
-from .renorm import _BatchRenorm, batch_renorm_corrections
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, _BatchRenorm, batch_renorm_corrections
 from .sequence import SequenceNorm, sequence_mask
 from .sync import SyncableNorm, global_batch_moments, is_distributed
 
@@ -23,8 +23,12 @@ __all__ = [
     "PLAIN_BATCHNORMS",
     "batch_moments",
     "has_bnzoo_norms",
+    "is_batchnorm_like",
+    "is_frozen_batchnorm",
     "is_renorm",
     "keeps_statistics",
+    "named_batchnorm_like",
+    "norm_layout",
     "named_norm_layers",
     "named_renorm_layers",
     "named_stat_norm_layers",
@@ -47,6 +51,66 @@ PLAIN_BATCHNORMS: tuple[type[nn.Module], ...] = (BatchNorm1d, BatchNorm2d, Batch
 def keeps_statistics(layer: nn.Module) -> bool:
     """A norm with running statistics that training updates (bn, renorm, sequence norms, ``SyncBatchNorm``)."""
     return isinstance(layer, _BatchNorm) and layer.track_running_stats
+
+
+#: the buffers of a frozen BatchNorm (bnzoo's, torchvision's ``ops.FrozenBatchNorm2d``, timm's, detectron2's)
+FROZEN_BUFFERS: tuple[str, ...] = ("weight", "bias", "running_mean", "running_var")
+
+#: where a layer's class alone does not say its input's layout, the one it was converted from is kept here
+LAYOUT_ATTRIBUTE = "_bnzoo_layout"
+
+
+def is_frozen_batchnorm(layer: nn.Module) -> bool:
+    """A frozen BatchNorm: bnzoo's :class:`FrozenBatchNorm`, or any module (torchvision's, timm's, detectron2's
+    ``FrozenBatchNorm2d``) that is no ``_BatchNorm`` and holds ``weight``, ``bias``, ``running_mean`` and
+    ``running_var`` as *buffers*, with an ``eps``: ``y = weight * (x - mean) / sqrt(var + eps) + bias``."""
+    if isinstance(layer, FrozenBatchNorm):
+        return True
+    buffers = layer._buffers
+    return (
+        not isinstance(layer, _BatchNorm)
+        and all(buffers.get(name) is not None for name in FROZEN_BUFFERS)
+        and isinstance(getattr(layer, "eps", None), (int, float))
+        and not isinstance(layer.eps, bool)
+    )
+
+
+def is_batchnorm_like(layer: nn.Module) -> bool:
+    """A layer that normalizes with BatchNorm's per-channel statistics (or frozen ones): every ``_BatchNorm``
+    (torch's 1d/2d/3d and ``SyncBatchNorm``, timm's ``BatchNormAct2d``, bnzoo's bn, renorm, ghost and sequence
+    norms) and every frozen BatchNorm (:func:`is_frozen_batchnorm`). GroupNorm and LayerNorm are not."""
+    return isinstance(layer, _BatchNorm) or is_frozen_batchnorm(layer)
+
+
+def named_batchnorm_like(model: nn.Module) -> dict[str, nn.Module]:
+    """``{module name: layer}`` for every BatchNorm-like layer of ``model`` (:func:`is_batchnorm_like`)."""
+    return {name: m for name, m in model.named_modules() if is_batchnorm_like(m)}
+
+
+_LAYOUT_CLASSES: tuple[tuple[tuple[type[nn.Module], ...], str], ...] = (
+    ((SequenceNorm,), "seq"),
+    ((nn.BatchNorm1d, BatchRenorm1d), "1d"),
+    ((nn.BatchNorm2d, BatchRenorm2d), "2d"),
+    ((nn.BatchNorm3d, BatchRenorm3d), "3d"),
+)
+
+
+def norm_layout(layer: nn.Module) -> str | None:
+    """The layout (``1d``, ``2d``, ``3d``, ``seq``: :data:`bnzoo.norms.factory.LAYOUTS`) of a BatchNorm-like
+    layer's input, from its class (a frozen ``...2d`` class is ``2d``), or the one recorded when bnzoo converted
+    it (:data:`LAYOUT_ATTRIBUTE`); None where nothing says (``SyncBatchNorm``, a plain :class:`FrozenBatchNorm`:
+    both take any (N, C, *) input)."""
+    recorded = getattr(layer, LAYOUT_ATTRIBUTE, None)
+    if recorded is not None:
+        return recorded
+    for classes, layout in _LAYOUT_CLASSES:
+        if isinstance(layer, classes):
+            return layout
+    if is_frozen_batchnorm(layer) and not isinstance(layer, FrozenBatchNorm):
+        for layout in ("1d", "2d", "3d"):
+            if type(layer).__name__.endswith(layout):
+                return layout
+    return None
 
 
 def is_renorm(layer: nn.Module) -> bool:

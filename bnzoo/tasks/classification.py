@@ -13,6 +13,7 @@ arguments replace these defaults when given.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning as L
@@ -29,6 +30,7 @@ from ..plugins import check_layer_sync
 from ..zoo.checkpoint import TASK_CLASS_KEY
 from .compiling import compile_network, uncompiled_call
 from .hparams import check_model_config, check_task_hparams
+from .run_hparams import flatten, task_run_hparams
 
 __all__ = ["ClassificationTask", "ImageClassifier", "SequenceClassifier", "check_model_config", "check_task_hparams"]
 
@@ -90,7 +92,8 @@ class ClassificationTask(SafeLoadFromCheckpoint, L.LightningModule):
                 "compile_options": compile_options,
             }
         )  # fmt: skip
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the loggers get logged_hparams(): what the run used, flat
+        self.run_hparams: dict[str, Any] | None = None  # set by `bnzoo fit|test|...` (bnzoo.cli.hparams)
         self.model = build_model(
             model,
             norm=norm,
@@ -117,6 +120,9 @@ class ClassificationTask(SafeLoadFromCheckpoint, L.LightningModule):
     # -- the training logic ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         check_layer_sync(self.trainer, self)
+        if stage in ("fit", "validate", "test"):
+            for logger in self.loggers:  # hparams.yaml; TensorBoard's hparams come with the final metrics
+                logger.log_hyperparams(self.logged_hparams())
 
     def configure_model(self) -> None:
         """Compile the network (``compile=True``) before the trainer runs it; once, whatever the stages."""
@@ -257,12 +263,30 @@ class ClassificationTask(SafeLoadFromCheckpoint, L.LightningModule):
     def on_test_end(self) -> None:
         self._log_hparams_with_metrics(("test/loss", "test/acc", "test/acc_top5"))
 
+    def logged_hparams(self) -> dict[str, Any]:
+        """The flat, plain hyperparameters the loggers get (:mod:`bnzoo.tasks.run_hparams`): the CLI's
+        :attr:`run_hparams` (the parsed config: ``--optimizer``, seed, trainer, data, callbacks), or else this
+        task's, with its SGD and schedule, the data module's and the trainer's limits."""
+        if self.run_hparams is not None:
+            return dict(self.run_hparams)
+        logged = task_run_hparams(dict(self.hparams))
+        trainer = self._trainer
+        if trainer is not None:
+            datamodule = trainer.datamodule
+            if datamodule is not None:
+                logged["data"] = type(datamodule).__name__
+                logged.update(flatten(dict(datamodule.hparams), "data/"))
+            logged.update({"trainer/max_epochs": trainer.max_epochs, "trainer/max_steps": trainer.max_steps})
+            seed = os.environ.get("PL_GLOBAL_SEED")
+            logged["seed"] = int(seed) if seed is not None else None
+        return logged
+
     def _log_hparams_with_metrics(self, names: tuple[str, ...]) -> None:
         if self._trainer is None or self.logger is None or self.trainer.sanity_checking:
             return
         final = {f"hp/{n.replace('/', '_')}": float(v) for n, v in self.trainer.callback_metrics.items() if n in names}
         if final:
-            self.logger.log_hyperparams(dict(self.hparams), final)
+            self.logger.log_hyperparams(self.logged_hparams(), final)
 
 
 class ImageClassifier(ClassificationTask):

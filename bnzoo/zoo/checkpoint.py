@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from ..io import safe_safetensors_load, safe_torch_load
+from ..models.timm_models import without_initial_weights
 from .compatibility import IncompatibleCheckpointError, check_fits, describe, network_options, option_differences
 from .fetch import LIGHTNING_CKPT_PATHS, check_sha256, is_url, locate
 from .index import SAFETENSORS_SUFFIX, is_pretrained, unknown_name_message, zoo_entry_of
@@ -81,6 +82,7 @@ def load_checkpoint(
     else:
         hparams, state = _read_lightning(data, path, map_location)
     check_stored_hyperparameters(hparams, str(path))
+    hparams = without_initial_weights(hparams)  # the checkpoint's own weights replace timm's pretrained ones
     if not isinstance(hparams.get("model"), str):
         raise ValueError(f"{path}: no model name in its hyperparameters; not a checkpoint of a bnzoo task")
     return Checkpoint(label, path, hparams, state, entry)
