@@ -133,7 +133,7 @@ def test_activation_percentiles_probe_is_a_fixed_validation_batch_in_eval_mode(t
         # reference: that step's network in eval mode on the first 12 validation samples, numpy's percentiles
         net, seen = models.models[record["step"]].eval(), []
         handle = dict(net.named_modules())[module.removeprefix("model.")].register_forward_pre_hook(
-            lambda m, args: seen.append(args[0].detach())
+            lambda m, args, seen=seen: seen.append(args[0].detach())
         )
         with torch.no_grad():
             net(val_x[:probe])
