@@ -52,8 +52,8 @@ SKIPPED: dict[str, str] = {
     "bnzoo experiment run c8_renorm --threads 1": "trains a whole experiment (tens of minutes); "
     "tests/test_experiments.py runs experiments with --quick",
     "bnzoo experiment run all --jobs 2 --threads 1": "trains the whole claims suite (over an hour)",
-    "bnzoo experiment report": "rewrites reports/ from the committed results; tests/test_experiments.py checks "
-    "the report",
+    "bnzoo experiment report --readme README.md": "rewrites reports/ and the README from the committed results "
+    "(tests/test_lab_report.py checks the report)",
 }
 SKIPPED = {command: reason for command, reason in SKIPPED.items() if reason}
 
