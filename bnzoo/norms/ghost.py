@@ -209,7 +209,8 @@ def _ghost_renorm_corrections(
     r, d = batch_renorm_corrections(
         batch_mean.view(groups, channels), batch_std.view(groups, channels), running_mean, running_std, r_max, d_max
     )
-    return r.view(-1), d.view(-1), batch_std.reciprocal(), batch_std
+    # r and d are views of one tensor: copies, since an operator's outputs may not alias each other
+    return r.reshape(-1).clone(), d.reshape(-1).clone(), batch_std.reciprocal(), batch_std
 
 
 _ghost_renorm_corrections_op = torch.library.custom_op(

@@ -48,8 +48,11 @@ def batch_renorm_corrections(
     """The correction factors of Ioffe 2017, Alg. 1: ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and
     ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``, both without gradient."""
     with torch.no_grad():
-        r = (batch_std / running_std).clamp_(1.0 / r_max, r_max)
-        d = (batch_mean - running_mean).div_(running_std).clamp_(-d_max, d_max)
+        # both divided by sigma: one (2, *) division and one unbind instead of two of each (launch cost)
+        rd = torch.stack((batch_std, batch_mean - running_mean)).div_(running_std)
+        r, d = rd.unbind()
+        r.clamp_(1.0 / r_max, r_max)
+        d.clamp_(-d_max, d_max)
     return r, d
 
 
@@ -75,10 +78,9 @@ def _renorm_step(
     graph may recompute r or d from the running buffers after this step updated them, which gave gamma a wrong
     gradient.
     """
-    # sigma_B and sigma as one (2, C) tensor, and the running updates as one foreach op: the per-channel work is
-    # a handful of tiny kernels whose launch cost, not their arithmetic, is what shows
-    stds = torch.stack((batch_var, running_var)).add_(eps).sqrt_()
-    batch_std, running_std = stds[0], stds[1]
+    # sigma_B and sigma as one (2, C) tensor, r and d from one division, and the running updates as one foreach
+    # op: the per-channel work is a handful of tiny kernels whose launch cost, not their arithmetic, is what shows
+    batch_std, running_std = torch.stack((batch_var, running_var)).add_(eps).sqrt_().unbind()
     r, d = batch_renorm_corrections(batch_mean, batch_std, running_mean, running_std, r_max, d_max)
     invstd = batch_std.reciprocal()
     num_batches_tracked.add_(1)
@@ -88,8 +90,28 @@ def _renorm_step(
     return r, d, invstd
 
 
+def _renorm_step_unaliased(
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    momentum: float | None,
+    eps: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_renorm_step` with r and d in tensors of their own (an operator's outputs may not alias)."""
+    r, d, invstd = _renorm_step(
+        batch_mean, batch_var, running_mean, running_var, num_batches_tracked, momentum, eps, r_max, d_max
+    )
+    return r.clone(), d.clone(), invstd
+
+
 _renorm_step_op = torch.library.custom_op(
-    "bnzoo::renorm_step", _renorm_step, mutates_args=("running_mean", "running_var", "num_batches_tracked")
+    "bnzoo::renorm_step",
+    _renorm_step_unaliased,
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
 )
 
 
@@ -129,29 +151,24 @@ class _BatchRenormFunction(torch.autograd.Function):
         eps: float,
     ) -> Tensor:
         weight, bias = _folded_affine(gamma, beta, r, d)
-        ctx.save_for_backward(x, gamma, mean, invstd, r, d)
+        ctx.save_for_backward(x, gamma, weight, mean, invstd, r, d)
         ctx.eps = eps
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, gamma, mean, invstd, r, d = ctx.saved_tensors
-        affine = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        x, gamma, weight, mean, invstd, r, d = ctx.saved_tensors
+        if gamma is not None and torch.is_grad_enabled():
+            weight = gamma * r  # double backward: w' must be a function of gamma in the graph
+        needs = ctx.needs_input_grad
+        affine = needs[1] or needs[2]
+        if not (grad_out.is_contiguous() and x.is_contiguous()):
+            grad_out = grad_out.contiguous(memory_format=_memory_format(x))
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(memory_format=_memory_format(x)),
-            x,
-            r if gamma is None else gamma * r,
-            None,
-            None,
-            mean,
-            invstd,
-            True,
-            ctx.eps,
-            [ctx.needs_input_grad[0], affine, affine],
+            grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [needs[0], affine, affine]
         )
-        grad_gamma = torch.addcmul(grad_w * r, grad_b, d) if ctx.needs_input_grad[1] else None
-        grad_beta = grad_b if ctx.needs_input_grad[2] else None
-        return grad_x, grad_gamma, grad_beta, None, None, None, None, None, None
+        grad_gamma = torch.addcmul(grad_w * r, grad_b, d) if needs[1] else None
+        return grad_x, grad_gamma, grad_b if needs[2] else None, None, None, None, None, None, None
 
 
 def _folded_affine(gamma: Tensor | None, beta: Tensor | None, r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
@@ -222,15 +239,14 @@ class _BatchRenorm(SyncableNorm, _BatchNorm):
             mean, var, _ = global_batch_moments(input, self.running_mean, self.process_group)
         else:
             F._verify_batch_size(input.size())
-            with torch.no_grad():
-                # Passing the float32 running buffers with momentum 0 leaves them unchanged and makes the
-                # kernel return float32 moments for bf16/fp16 inputs.
-                mean, var = batch_moments(input, self.running_mean, self.running_var)
+            # Passing the float32 running buffers with momentum 0 leaves them unchanged and makes the kernel
+            # return float32 moments for bf16/fp16 inputs; the input is detached, so no graph is recorded.
+            mean, var = batch_moments(input, self.running_mean, self.running_var)
         r, d, invstd = call_opaque(
             _renorm_step_op,
             _renorm_step,
-            mean.detach(),
-            var.detach(),
+            mean.detach() if synced else mean,
+            var.detach() if synced else var,
             self.running_mean,
             self.running_var,
             self.num_batches_tracked,

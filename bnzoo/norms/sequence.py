@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .batchnorm import BatchNorm1d, check_norm_args
+from .batchnorm import BatchNorm1d, check_channels, check_norm_args
 from .channel import ChannelGroupNorm, ChannelLayerNorm
 from .frozen import FrozenBatchNorm
+from .masked import masked_batch_norm
 from .renorm import BatchRenorm1d
 
 __all__ = [
@@ -128,6 +129,11 @@ class SequenceNorm:
 
     num_features: int
 
+    def _padded_forward(self, rows: Tensor, valid: Tensor) -> Tensor | None:
+        """The output for the (B T, C) ``rows`` with the (B T,) ``valid`` mask, padded rows 0, computed on
+        the padded rows directly; None where the layer has no such path (then the valid rows are gathered)."""
+        return None
+
     def forward(
         self, x: Tensor | PackedSequence, lengths: Tensor | None = None, mask: Tensor | None = None
     ) -> Tensor | PackedSequence:
@@ -149,6 +155,9 @@ class SequenceNorm:
         valid = sequence_mask(batch, steps, lengths, mask, x.device)
         if valid is None:
             return super().forward(x.reshape(batch * steps, channels)).view(batch, steps, channels)  # type: ignore[misc]
+        padded = self._padded_forward(x.reshape(batch * steps, channels), valid.reshape(-1))
+        if padded is not None:
+            return padded.view(batch, steps, channels)
         rows = valid.reshape(-1).nonzero().squeeze(1)  # the valid rows' indices, once per forward
         normalized = super().forward(_GatherRows.apply(x.reshape(batch * steps, channels), rows))  # type: ignore[misc]
         return _ScatterRows.apply(normalized, rows, batch * steps).view(batch, steps, channels)
@@ -157,8 +166,28 @@ class SequenceNorm:
 class SequenceBatchNorm(SequenceNorm, BatchNorm1d):
     """Sequence-wise BatchNorm (Deep Speech 2): statistics per feature over the batch's valid steps.
 
-    Equal to ``nn.BatchNorm1d`` applied to the unpadded steps only, running statistics included.
+    Equal to ``nn.BatchNorm1d`` applied to the unpadded steps only, running statistics included. In training
+    on a padded float32/float64 batch it computes that without gathering the valid steps, with a float mask
+    (:func:`bnzoo.norms.masked.masked_batch_norm`; padded entries must then be finite).
     """
+
+    def _padded_forward(self, rows: Tensor, valid: Tensor) -> Tensor | None:
+        if not self.training or rows.dtype not in (torch.float32, torch.float64) or self._sync_active():
+            return None
+        if torch.compiler.is_compiling() or torch.is_autocast_enabled(rows.device.type):
+            return None  # compile: the traced gather path; autocast would run the mask's sums in bf16
+        check_channels(self, rows)
+        return masked_batch_norm(
+            rows,
+            valid,
+            self.weight,
+            self.bias,
+            self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None,
+            self.num_batches_tracked if self.track_running_stats else None,
+            self.momentum,
+            self.eps,
+        )
 
 
 class SequenceBatchRenorm(SequenceNorm, BatchRenorm1d):
