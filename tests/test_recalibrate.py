@@ -321,3 +321,29 @@ def test_callback_puts_recalibrated_statistics_in_the_last_checkpoint(tmp_path: 
     want_mean, want_var = _population_of_first_layer(model, state)
     torch.testing.assert_close(mean.double(), want_mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var.double(), want_var, rtol=1e-4, atol=1e-5)
+
+
+def test_recalibration_without_a_validation_split(tmp_path: Path) -> None:
+    """``val_size=0`` (train on every sample): the final recalibration runs -- with nothing to compare it against
+    -- and gives the population statistics of the training split, as with a validation split (a bug crashed it:
+    Lightning's ``val_dataloaders`` is ``[]`` there while ``num_val_batches`` is ``[0]``)."""
+    L.seed_everything(0)
+    data = DigitsDataModule(batch_size=BATCH, seed=0, val_size=0)
+    model = ImageClassifier(
+        model="mlp", norm="renorm", model_options={"hidden": [16]}, num_classes=10, in_chans=1, image_size=8, lr=0.05
+    )
+    recalibrate = RecalibrateNormStats(num_batches=100, population=True)
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, callbacks=[recalibrate],
+    )  # fmt: skip
+    trainer.fit(model, data)
+    assert recalibrate.last_result is not None and recalibrate.last_result.recalibrated
+    linear = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    w = linear.weight.detach().double()
+    b = torch.zeros(w.shape[0], dtype=w.dtype) if linear.bias is None else linear.bias.detach().double()
+    outputs = torch.cat([x.flatten(1).double() @ w.T + b for x, _ in data.train_dataloader()])  # float64 reference
+    mean, var = outputs.mean(0), outputs.var(0)
+    norm = next(m for m in model.modules() if hasattr(m, "running_var"))
+    torch.testing.assert_close(norm.running_mean.double(), mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(norm.running_var.double(), var, rtol=1e-4, atol=1e-5)

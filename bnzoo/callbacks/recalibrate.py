@@ -78,7 +78,8 @@ class RecalibrateNormStats(Callback):
     def _final_recalibration(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         evaluate = getattr(pl_module, "evaluate", None) if self.log_metrics else None
         loaders = trainer.val_dataloaders
-        if evaluate is None or loaders is None:
+        if evaluate is None or loaders is None or (isinstance(loaders, (list, tuple)) and not loaders):
+            # no validation split (``val_size=0``): recalibrate, nothing to compare
             self.recalibrate(trainer, pl_module)
             return
         limits = trainer.num_val_batches or None
